@@ -1,0 +1,167 @@
+"""Command-line interface: a thin layer over the library.
+
+    assocmem run TASK [key=value ...] [--config FILE] [--out DIR] [--json] [--force]
+    assocmem sweep GRID.yaml [key=value ...] [--out DIR] [--jobs N] [--backend local] [--force]
+    assocmem runs [--out DIR] [--task TASK]
+    assocmem reproduce {elephants,hijack,geometric,induction,all} [--scale quick|paper] [--out DIR] [--jobs N]
+    assocmem hijack {score,demo} ...
+
+Invalid input exits with status 2 and one line naming the key and the allowed values.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, config_hash, load_yaml, parse_dotlist, to_dict
+
+DEFAULT_OUT = "assocmem-out"
+
+# paper key -> "module:function"; function(out_dir: Path, scale: str, jobs: int, force: bool) -> report.Section
+REPRODUCTIONS: dict[str, str] = {
+    "elephants": "assocmem.experiments.elephants:reproduce",
+}
+# optional sub-command groups: module exposing add_parser(subparsers)
+EXTENSIONS: dict[str, str] = {}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .registry import config_from, get_task
+    from .store import RunStore
+    from .sweep import run_configs
+
+    task = get_task(args.task)
+    cfg = config_from(task, load_yaml(args.config) if args.config else {}, parse_dotlist(args.overrides))
+    store = RunStore(args.out)
+    rid = config_hash(task.name, cfg)
+    t0 = time.perf_counter()
+    rep = run_configs(task, [cfg], store, force=args.force, progress=False)
+    rec = store.load(rid)
+    metrics = rec.get("metrics") or {}
+    out = {"run_id": rid, "task": task.name, "status": rec["status"], "skipped": rep.skipped == 1,
+           "accuracy": metrics.get("accuracy"), "wall_s": round(time.perf_counter() - t0, 4),
+           "train_wall_s": metrics.get("wall_s"), "path": str(store.path(rid))}
+    if not args.json:
+        print(json.dumps(to_dict(cfg), indent=1))
+        verb = "skipped (already finished)" if out["skipped"] else "finished"
+        print(f"run {rid} {verb}: status={rec['status']} accuracy={out['accuracy']} -> {out['path']}")
+        if rec.get("error"):
+            print(rec["error"].splitlines()[0], file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+    return 0 if rec["status"] == "ok" else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .store import RunStore
+    from .sweep import grid_from_file, make_backend, run_configs, summarize
+
+    task, configs = grid_from_file(args.grid, parse_dotlist(args.overrides))
+    store = RunStore(args.out)
+    backend = make_backend(args.backend, jobs=args.jobs)
+    rep = run_configs(task, configs, store, backend=backend, force=args.force, stack=not args.no_stack)
+    print(summarize(store, rep.run_ids, task.summary_keys))
+    print(f"{len(rep.run_ids)} runs: {rep.ran} ran, {rep.skipped} already finished, {rep.failed} failed "
+          f"({rep.wall_s:.1f} s); table: {store.root / 'runs.parquet'}")
+    return 0 if rep.failed == 0 else 1
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .registry import TASKS, get_task
+    from .store import RunStore
+    from .sweep import summarize
+
+    store = RunStore(args.out)
+    df = store.table(args.task)
+    if df.empty:
+        print(f"no runs in {store.root}")
+        return 0
+    keys: list[str] = ["task"]
+    for name in sorted(set(df["task"])):
+        if name in TASKS:
+            keys += [k for k in get_task(name).summary_keys if k not in keys]
+    print(summarize(store, df["run_id"], keys))
+    print(f"{len(df)} runs in {store.root}")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .report import write_index
+
+    names = list(REPRODUCTIONS) if args.paper == "all" else [args.paper]
+    out = Path(args.out)
+    entries = []
+    for name in names:
+        module, fn = REPRODUCTIONS[name].split(":")
+        reproduce = getattr(importlib.import_module(module), fn)
+        sub = out / name if args.paper == "all" else out
+        t0 = time.perf_counter()
+        section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force)
+        print(f"{name}: {section.tally()} in {time.perf_counter() - t0:.1f} s -> {sub / 'report.html'}")
+        entries.append((section, f"{name}/report.html" if args.paper == "all" else "report.html"))
+    if args.paper == "all":
+        print(f"index: {write_index(entries, out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="assocmem", description="Associative memory in transformers: "
+                                "train, sweep, reproduce papers, and score context hijacking.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train and evaluate one run")
+    r.add_argument("task", help="task family, e.g. lca")
+    r.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. task.m=6 optim.lr=0.01")
+    r.add_argument("--config", help="YAML file with config values (overrides win)")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"store folder (default {DEFAULT_OUT})")
+    r.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
+    r.add_argument("--force", action="store_true", help="redo even if finished")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("sweep", help="run a grid of configs from a YAML file")
+    s.add_argument("grid")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to the grid's base")
+    s.add_argument("--out", default=DEFAULT_OUT)
+    s.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    s.add_argument("--backend", default="local", help="execution backend (default local)")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--no-stack", action="store_true", help="do not batch seeds into one model")
+    s.set_defaults(fn=_cmd_sweep)
+
+    ls = sub.add_parser("runs", help="list stored runs")
+    ls.add_argument("--out", default=DEFAULT_OUT)
+    ls.add_argument("--task")
+    ls.set_defaults(fn=_cmd_runs)
+
+    rp = sub.add_parser("reproduce", help="reproduce a paper's figures and write its report")
+    rp.add_argument("paper", choices=[*REPRODUCTIONS, "all"])
+    rp.add_argument("--scale", choices=["quick", "paper"], default="quick")
+    rp.add_argument("--out", default="reproduction")
+    rp.add_argument("--jobs", type=int, default=1)
+    rp.add_argument("--force", action="store_true", help="retrain even finished runs")
+    rp.set_defaults(fn=_cmd_reproduce)
+
+    for module in EXTENSIONS.values():
+        importlib.import_module(module).add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"assocmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are stored, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared figure style and saving. Plotting functions elsewhere take a DataFrame and return a Figure;
+:func:`save` writes it as PNG and PDF (temp file + rename) and closes it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {
+    "figure.figsize": (5.0, 3.6),
+    "figure.dpi": 110,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def new_figure(**kwargs) -> tuple[plt.Figure, plt.Axes]:
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(**kwargs)
+    return fig, ax
+
+
+def line_with_band(ax: plt.Axes, x: Sequence[float], mean: Sequence[float], sem: Sequence[float] | None,
+                   label: str, color: str | None = None, **kwargs) -> None:
+    """A line with a shaded ±sem band (the paper's error-band style)."""
+    import numpy as np
+    x, mean = np.asarray(x, float), np.asarray(mean, float)
+    (line,) = ax.plot(x, mean, marker="o", ms=3.5, label=label, color=color, **kwargs)
+    if sem is not None:
+        s = np.nan_to_num(np.asarray(sem, float))
+        ax.fill_between(x, mean - s, mean + s, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def save(fig: plt.Figure, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``out_dir/name.{png,pdf}`` atomically, close the figure, return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with plt.rc_context(STYLE):
+        for fmt in formats:
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{fmt}")
+            os.close(fd)
+            try:
+                fig.savefig(tmp, format=fmt)
+                os.replace(tmp, out / f"{name}.{fmt}")
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            paths.append(out / f"{name}.{fmt}")
+    plt.close(fig)
+    return paths
