@@ -24,9 +24,10 @@ DEFAULT_OUT = "assocmem-out"
 # paper key -> "module:function"; function(out_dir: Path, scale: str, jobs: int, force: bool) -> report.Section
 REPRODUCTIONS: dict[str, str] = {
     "elephants": "assocmem.experiments.elephants:reproduce",
+    "hijack": "assocmem.experiments.hijack:reproduce",
 }
 # optional sub-command groups: module exposing add_parser(subparsers)
-EXTENSIONS: dict[str, str] = {}
+EXTENSIONS: dict[str, str] = {"hijack": "assocmem.hijack.cli"}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

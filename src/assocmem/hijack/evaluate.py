@@ -1,0 +1,139 @@
+"""Score hijacked CounterFact prompts and summarise them (ROME's efficacy score and friends).
+
+:func:`score_records` returns a tidy table, one row per (record, k, prompt), with the raw numbers
+every summary is computed from::
+
+    case_id relation_id scheme k kind(rewrite|paraphrase) prompt_index sentence
+    nll_new nll_true lp1_new lp1_true n_new n_true mode_new mode_true
+
+nll_* is the mean per-token negative log-likelihood of " " + target after the prompt; lp1_* the
+log-probability of the target's first token; mode_* the tokenisation route ("joint"/"fallback").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..llm.scoring import FastScorer, Request, plain_score
+from .counterfact import Record
+from .schemes import Scheme, hijack_prompt
+
+METRICS = ("es", "es_first", "magnitude", "ps")
+
+
+@dataclasses.dataclass
+class Skipped:
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def build_requests(records: Sequence[Record], scheme: Scheme, ks: Sequence[int], countries, sep: str = " ",
+                   paraphrase: bool = False) -> tuple[list[Request], list[dict], Skipped]:
+    """One request (both targets) per record, k and prompt; rows carry the table's key columns."""
+    reqs, keys, skipped = [], [], Skipped()
+    for rec in records:
+        s, why = scheme.sentence(rec, countries)
+        if s is None:
+            skipped.add(why)
+            continue
+        prompts = [("rewrite", 0, rec.text)]
+        if paraphrase:
+            prompts += [("paraphrase", i, p) for i, p in enumerate(rec.paraphrase_prompts)]
+        for k in ks:
+            for kind, idx, p in prompts:
+                reqs.append(Request(hijack_prompt(s, p, k, sep), (rec.target_new, rec.target_true),
+                                    group=rec.case_id))
+                keys.append({"case_id": rec.case_id, "relation_id": rec.relation_id, "scheme": scheme.name,
+                             "k": k, "kind": kind, "prompt_index": idx, "sentence": s})
+    return reqs, keys, skipped
+
+
+def score_records(model, tokenizer, records: Sequence[Record], scheme: Scheme, ks: Sequence[int], countries,
+                  sep: str = " ", paraphrase: bool = False, method: str = "fast", progress: bool = True,
+                  token_budget: int = 6144) -> tuple[pd.DataFrame, Skipped]:
+    reqs, keys, skipped = build_requests(records, scheme, ks, countries, sep, paraphrase)
+    if method == "fast":
+        scored = FastScorer(model, tokenizer, token_budget=token_budget).score(reqs, progress=progress)
+    elif method == "plain":
+        scored = plain_score(model, tokenizer, reqs, progress=progress)
+    else:
+        from ..config import ConfigError
+        raise ConfigError(f"method: {method!r} (allowed: fast, plain)")
+    rows = []
+    for key, (new, true) in zip(keys, scored):
+        rows.append({**key, "nll_new": new.nll, "nll_true": true.nll, "lp1_new": new.first, "lp1_true": true.first,
+                     "n_new": new.n, "n_true": true.n, "mode_new": new.mode, "mode_true": true.mode})
+    cols = list(keys[0]) + ["nll_new", "nll_true", "lp1_new", "lp1_true", "n_new", "n_true", "mode_new",
+                            "mode_true"] if keys else []
+    return pd.DataFrame(rows, columns=cols or None), skipped
+
+
+# ----------------------------------------------------------------------------------------- summaries
+
+def per_record(df: pd.DataFrame, metric: str = "es") -> pd.DataFrame:
+    """Matrix [case_id x k] of per-record values of ``metric`` (see :data:`METRICS`)."""
+    if metric not in METRICS:
+        from ..config import ConfigError
+        raise ConfigError(f"metric: {metric!r} (allowed: {', '.join(METRICS)})")
+    kind = "paraphrase" if metric == "ps" else "rewrite"
+    d = df[df["kind"] == kind]
+    if metric in ("es", "ps"):
+        v = (d["nll_new"] < d["nll_true"]).astype(float)
+    elif metric == "es_first":
+        v = (d["lp1_new"] > d["lp1_true"]).astype(float)       # exact ties count as failures
+    else:
+        v = np.exp(-d["nll_new"]) - np.exp(-d["nll_true"])
+    return (d.assign(v=v).groupby(["case_id", "k"])["v"].mean()   # PS: mean over a record's paraphrases
+            .unstack("k").sort_index(axis=1))
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over rows and a percentile bootstrap CI (rows resampled with replacement, paired across
+    columns). ``values``: [records, conditions]; NaN-free. Returns (mean, lo, hi) per column."""
+    values = np.asarray(values, float)
+    if values.ndim == 1:
+        values = values[:, None]
+    n = values.shape[0]
+    mean = values.mean(axis=0)
+    if n == 0:
+        nan = np.full(values.shape[1], np.nan)
+        return nan, nan, nan
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boots = values[idx].mean(axis=1)                                   # [n_boot, conditions]
+    a = (1 - level) / 2
+    return mean, np.quantile(boots, a, axis=0), np.quantile(boots, 1 - a, axis=0)
+
+
+def summarize(df: pd.DataFrame, metric: str = "es", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Columns k, value, lo, hi, n: the mean of ``metric`` over records with a 95% bootstrap CI."""
+    m = per_record(df, metric).dropna()
+    if m.empty:
+        return pd.DataFrame(columns=["k", "value", "lo", "hi", "n"])
+    mean, lo, hi = bootstrap_ci(m.to_numpy(), n_boot=n_boot, seed=seed)
+    return pd.DataFrame({"k": m.columns.astype(int), "value": mean, "lo": lo, "hi": hi, "n": len(m)})
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    """Write ``df`` to ``path`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def tie_rate(df: pd.DataFrame) -> float:
+    d = df[df["kind"] == "rewrite"]
+    return float((d["lp1_new"] == d["lp1_true"]).mean()) if len(d) else float("nan")
