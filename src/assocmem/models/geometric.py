@@ -1,0 +1,135 @@
+"""One-layer transformer for geometric factual recall, stacked over S independent instances.
+
+Every weight carries a leading instance dimension S, so S seeds (or S same-shaped models) train as one
+batched model; instance i only ever touches slice i. Row-vector convention: ``x @ W``.
+
+Weights (the usual names; constructions in ``theory.geometric`` load directly)::
+
+    W_E   [S, V, d]       token embeddings            W_pos [S, L, d]   absolute positions
+    W_Q   [S, H, d, d_h]  queries (1/sqrt(d_h) applied in forward)
+    W_K   [S, H, d, d_h]  keys     W_V [S, H, d, d_h]  values     W_O [S, H, d_h, d]  output
+    W_1   [S, d, m], b_1 [S, m]    MLP in:  h = ReLU(x W_1 + b_1)
+    W_2   [S, m, d]                MLP out: h W_2 (no output bias)
+    W_U   [S, n_out, d]            unembedding over answers: logits = z W_U^T
+
+Forward at the output positions P (one layer, so only those positions need the MLP)::
+
+    x     = W_E[tokens] + W_pos[:T]                        [S, B, T, d]
+    a     = causal multi-head attention(LN(x)) at P         [S, B, P, d]
+    y     = x[P] + a
+    z     = y + MLP(LN(y))
+    logits = LN(z) W_U^T                                    [S, B, P, n_out]
+
+LayerNorm (pre-LN, no affine parameters) only when ``layernorm=True``; default off [ours].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+WEIGHT_NAMES = ("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_1", "b_1", "W_2", "W_U")
+
+
+def _ln(x: Tensor, on: bool) -> Tensor:
+    return nn.functional.layer_norm(x, x.shape[-1:]) if on else x
+
+
+class StackedTransformer(nn.Module):
+    """S one-layer transformers with identical shapes, evaluated in one batched pass."""
+
+    def __init__(self, S: int, V: int, L: int, d: int, H: int, d_h: int, m: int, n_out: int,
+                 layernorm: bool = False):
+        super().__init__()
+        self.S, self.V, self.L, self.d, self.H, self.d_h, self.m, self.n_out = S, V, L, d, H, d_h, m, n_out
+        self.layernorm = layernorm
+        z = lambda *shape: nn.Parameter(torch.zeros(*shape))  # noqa: E731
+        self.W_E, self.W_pos = z(S, V, d), z(S, L, d)
+        self.W_Q, self.W_K, self.W_V = z(S, H, d, d_h), z(S, H, d, d_h), z(S, H, d, d_h)
+        self.W_O = z(S, H, d_h, d)
+        self.W_1, self.b_1, self.W_2 = z(S, d, m), z(S, m), z(S, m, d)
+        self.W_U = z(S, n_out, d)
+
+    # ---- initialisation / loading ------------------------------------------------------------
+    @torch.no_grad()
+    def init_instance(self, i: int, gen: torch.Generator, emb_std: float | None = None,
+                      w2_scale: float = 0.1) -> None:
+        """Initialise instance i from ``gen`` alone (fixed draw order, so a member equals a single run).
+
+        Embeddings, positions and W_U ~ N(0, 1/d) (``emb_std`` overrides the std); attention and W_1
+        ~ N(0, 1/fan_in); W_2 ~ N(0, 1/m) * w2_scale; b_1 = 0 [ours].
+        """
+        d = self.d
+        es = emb_std if emb_std is not None else 1 / math.sqrt(d)
+        for name, std in (("W_E", es), ("W_pos", es), ("W_Q", 1 / math.sqrt(d)), ("W_K", 1 / math.sqrt(d)),
+                          ("W_V", 1 / math.sqrt(d)), ("W_O", 1 / math.sqrt(self.H * self.d_h)),
+                          ("W_1", 1 / math.sqrt(d)), ("W_2", w2_scale / math.sqrt(self.m)), ("W_U", es)):
+            p = getattr(self, name)
+            p[i] = torch.randn(p.shape[1:], generator=gen) * std
+        self.b_1[i] = 0.0
+
+    @torch.no_grad()
+    def load_instance(self, i: int, weights: dict[str, Tensor]) -> None:
+        """Copy unstacked weights (shapes without the leading S) into instance i."""
+        for name in WEIGHT_NAMES:
+            if name in weights:
+                p = getattr(self, name)
+                p[i] = torch.as_tensor(weights[name], dtype=p.dtype)
+
+    def instance_weights(self, i: int) -> dict[str, Tensor]:
+        return {n: getattr(self, n)[i].detach().clone() for n in WEIGHT_NAMES}
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, Tensor], layernorm: bool = False,
+                     dtype: torch.dtype = torch.float32) -> StackedTransformer:
+        """A model with S = 1 holding the given (unstacked) weights; shapes are read off them."""
+        V, d = weights["W_E"].shape
+        H, _, d_h = weights["W_Q"].shape
+        model = cls(1, V, weights["W_pos"].shape[0], d, H, d_h, weights["W_1"].shape[1],
+                    weights["W_U"].shape[0], layernorm).to(dtype)
+        model.load_instance(0, weights)
+        return model
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [S, B, T] (or [B, T], shared) -> residual stream x [S, B, T, d]."""
+        if tokens.dim() == 2:
+            tokens = tokens.expand(self.S, *tokens.shape)
+        S, B, T = tokens.shape
+        idx = torch.arange(S, device=tokens.device)[:, None, None]
+        return self.W_E[idx, tokens] + self.W_pos[:, None, :T]
+
+    def attend(self, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Attention output at positions start..stop-1 (causal): ([S, B, P, d], pattern [S, B, H, P, stop])."""
+        xn = _ln(x[:, :, :stop], self.layernorm)
+        q = torch.einsum("sbtd,shde->sbhte", xn[:, :, start:stop], self.W_Q) / math.sqrt(self.d_h)
+        k = torch.einsum("sbtd,shde->sbhte", xn, self.W_K)
+        v = torch.einsum("sbtd,shde->sbhte", xn, self.W_V)
+        scores = q @ k.transpose(-1, -2)                                 # [S, B, H, P, stop]
+        qpos = torch.arange(start, stop, device=x.device)[:, None]
+        kpos = torch.arange(stop, device=x.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        pattern = scores.softmax(-1)
+        out = torch.einsum("sbhpt,sbhte,shed->sbpd", pattern, v, self.W_O)
+        return out, pattern
+
+    def mlp_hidden(self, y: Tensor) -> Tensor:
+        """ReLU(LN(y) W_1 + b_1): [S, B, P, d] -> [S, B, P, m]."""
+        yn = _ln(y, self.layernorm)
+        return torch.relu(torch.einsum("sbpd,sdm->sbpm", yn, self.W_1) + self.b_1[:, None, None])
+
+    def final_residual(self, tokens: Tensor, out_pos: tuple[int, int], x: Tensor | None = None) -> Tensor:
+        """Residual z [S, B, P, d] at the output positions (``x`` overrides the embedded input)."""
+        start, stop = out_pos
+        if x is None:
+            x = self.embed(tokens)
+        a, _ = self.attend(x, start, stop)
+        y = x[:, :, start:stop] + a
+        h = self.mlp_hidden(y)
+        return y + torch.einsum("sbpm,smd->sbpd", h, self.W_2)
+
+    def forward(self, tokens: Tensor, out_pos: tuple[int, int], x: Tensor | None = None) -> Tensor:
+        """Logits [S, B, P, n_out] at positions out_pos = (start, stop)."""
+        z = _ln(self.final_residual(tokens, out_pos, x), self.layernorm)
+        return torch.einsum("sbpd,sod->sbpo", z, self.W_U)
