@@ -24,6 +24,8 @@ DEFAULT_OUT = "assocmem-out"
 # paper key -> "module:function"; function(out_dir: Path, scale: str, jobs: int, force: bool) -> report.Section
 REPRODUCTIONS: dict[str, str] = {
     "elephants": "assocmem.experiments.elephants:reproduce",
+    "induction": "assocmem.experiments.induction:reproduce",
+    "geometric": "assocmem.experiments.geometric:reproduce",
     "hijack": "assocmem.experiments.hijack:reproduce",
 }
 # optional sub-command groups: module exposing add_parser(subparsers)

@@ -15,6 +15,8 @@ from .config import ConfigError, build, merge, to_dict
 # name -> "module:attribute"; add one line per task family.
 TASKS: dict[str, str] = {
     "lca": "assocmem.runners.lca:SPEC",
+    "induction": "assocmem.runners.induction:SPEC",
+    "geometric": "assocmem.runners.geometric:SPEC",
 }
 
 

@@ -1,0 +1,281 @@
+"""Runner for geometric factual recall: configs, stacked full-batch training, ``SPEC``.
+
+A run: draw R bijections (``task`` stream), enumerate every query, initialise a one-layer transformer
+(``init`` stream), train it full batch with AdamW on all facts until every fact is right (or the loss
+is below ``optim.stop_loss``, or ``optim.max_steps``), and report accuracy, margins and curves.
+
+Configs equal up to their seeds train as one :class:`StackedTransformer` (leading instance dim S). The
+loss is the sum of per-instance mean losses, so gradients never mix; the optimiser is a masked AdamW
+(:func:`adamw_step`) that freezes an instance the step it meets its stopping rule, so member i of a
+stack equals the single run with seed i (tested).
+
+Defaults are [ours] (spec geometric.md, Training): d_model 32, m = 4*d, 1 head, no LayerNorm, untied
+learned W_E and W_U, AdamW lr 3e-3, betas (0.9, 0.999), wd 0, at most 4000 full-batch steps, stop at
+100% accuracy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import ConfigError, Seeds, param
+from ..models.geometric import WEIGHT_NAMES, StackedTransformer
+from ..registry import RunResult, TaskSpec
+from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
+from ..theory.geometric import evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskCfg:
+    N: int = param(1024, lo=2, hi=65536, help="number of subjects (= attributes per relation)")
+    R: int = param(4, lo=1, hi=64, help="number of relations (bijections)")
+    format: str = param("sr", choices=("sr", "rs", "noise", "slots"),
+                        help="single hop [s, r] / [r, s] / noise tokens; slots = multi-hop slot format")
+    k: int = param(1, lo=1, hi=8, help="hops per query (slots format)")
+    K: int = param(0, lo=0, hi=8, help="relation slots (0 = k)")
+    cot: bool = param(False, help="teacher-forced chain of thought (slots format)")
+    T: int = param(8, lo=3, hi=64, help="sequence length of the noise format")
+    n_noise: int = param(32, lo=1, hi=100000, help="noise vocabulary size (noise format)")
+    disjoint: bool = param(False, help="each relation owns its own N answers (output head R*N)")
+
+    @property
+    def slots(self) -> int:
+        return self.K or self.k
+
+    def validate(self) -> None:
+        if self.format != "slots" and (self.k != 1 or self.cot):
+            raise ConfigError(f"task.format: {self.format!r} is single hop (allowed with k > 1 or cot: slots)")
+        if self.K and self.K < self.k:
+            raise ConfigError(f"task.K: {self.K} is not allowed (allowed: 0 or >= task.k={self.k})")
+        if self.disjoint and self.format == "slots":
+            raise ConfigError("task.disjoint: true is not allowed with format slots (allowed: false)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCfg:
+    d_model: int = param(32, lo=1, hi=4096)
+    d_mlp: int = param(0, lo=0, hi=65536, help="MLP width m (0 = mlp_mult * d_model)")
+    mlp_mult: float = param(4.0, lo=0.0, hi=64.0)
+    n_heads: int = param(1, lo=1, hi=16)
+    d_head: int = param(0, lo=0, hi=4096, help="head width (0 = ceil(d_model / n_heads))")
+    layernorm: bool = param(False, help="pre-LN (no affine parameters)")
+    freeze_embed: bool = param(False, help="frozen random W_E and W_pos (control i)")
+    freeze_unembed: bool = param(False, help="frozen random W_U (controls i and ii)")
+    emb_std: float = param(0.0, lo=0.0, hi=10.0, help="init std of W_E, W_pos, W_U (0 = 1/sqrt(d))")
+    w2_scale: float = param(0.1, lo=0.0, hi=10.0)
+
+    @property
+    def m(self) -> int:
+        return self.d_mlp or max(1, int(round(self.mlp_mult * self.d_model)))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or math.ceil(self.d_model / self.n_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimCfg:
+    lr: float = param(3e-3, lo=0.0, hi=10.0)
+    beta1: float = param(0.9, lo=0.0, hi=1.0)
+    beta2: float = param(0.999, lo=0.0, hi=1.0)
+    eps: float = param(1e-8, lo=0.0, hi=1.0)
+    weight_decay: float = param(0.0, lo=0.0, hi=1.0)
+    max_steps: int = param(4000, lo=0, hi=1_000_000)
+    stop: str = param("acc", choices=("acc", "loss", "none"),
+                      help="acc: stop at 100% accuracy; loss: stop once loss < stop_loss; none: run max_steps")
+    stop_loss: float = param(1e-3, lo=0.0, hi=10.0)
+    log_every: int = param(50, lo=1, hi=100000)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeoConfig:
+    task: TaskCfg = dataclasses.field(default_factory=TaskCfg)
+    model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
+    optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
+    seed: int = param(0, lo=0)
+    seeds: Seeds = dataclasses.field(default_factory=Seeds)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def make_data(cfg: GeoConfig, seeds: Seeds) -> GeoData:
+    """The run's dataset from its ``task`` stream (bijections first, then noise positions)."""
+    t = cfg.task
+    gen = torch.Generator().manual_seed(seeds.task)
+    bij = draw_bijections(t.N, t.R, gen)
+    if t.format == "slots":
+        return multi_hop(bij, t.k, t.slots, t.cot)
+    return single_hop(bij, t.format, t.disjoint, t.n_noise, t.T, gen)
+
+
+def build_model(cfg: GeoConfig, S: int, data: GeoData) -> StackedTransformer:
+    mc = cfg.model
+    L = data.tokens.shape[1]
+    return StackedTransformer(S, data.vocab.size, L, mc.d_model, mc.n_heads, mc.head_dim, mc.m,
+                              data.vocab.n_out, mc.layernorm)
+
+
+# ---- optimisation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def adamw_step(params: dict[str, Tensor], state: dict[str, dict[str, Tensor]], step: int, active: Tensor,
+               o: OptimCfg, masks: dict[str, Tensor] | None = None) -> None:
+    """One decoupled-weight-decay Adam step (as torch.optim.AdamW) applied only to active instances.
+
+    params: name -> stacked parameter [S, ...] with .grad; active [S] bool; masks: optional name ->
+    0/1 tensor broadcastable to the parameter (rows not to train, e.g. frozen relation embeddings).
+    """
+    b1, b2 = o.beta1, o.beta2
+    c1, c2 = 1 - b1 ** step, 1 - b2 ** step
+    for name, p in params.items():
+        g = p.grad
+        if g is None:
+            continue
+        st = state.setdefault(name, {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
+        a = active.view(-1, *([1] * (p.dim() - 1)))
+        if masks is not None and name in masks:
+            a = a & masks[name].bool()
+        st["m"].copy_(torch.where(a, b1 * st["m"] + (1 - b1) * g, st["m"]))
+        st["v"].copy_(torch.where(a, b2 * st["v"] + (1 - b2) * g * g, st["v"]))
+        new = p * (1 - o.lr * o.weight_decay) - o.lr * (st["m"] / c1) / ((st["v"] / c2).sqrt() + o.eps)
+        p.copy_(torch.where(a, new, p))
+
+
+def per_instance_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and accuracy per instance over positions with a target.
+
+    logits [S, B, P, n_out], targets [S, B, P] (IGNORE = -1) -> ([S], [S]).
+    """
+    S, n_out = logits.shape[0], logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, n_out), targets.reshape(-1).clamp_min(0), reduction="none")
+    mask = (targets >= 0).reshape(S, -1).float()
+    ce = ce.reshape(S, -1)
+    cnt = mask.sum(1)
+    correct = (logits.argmax(-1) == targets).reshape(S, -1).float() * mask
+    return (ce * mask).sum(1) / cnt, correct.sum(1) / cnt
+
+
+def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: tuple[int, int], o: OptimCfg,
+          trainable: Sequence[str], masks: dict[str, Tensor] | None = None) -> dict[str, object]:
+    """Full-batch masked AdamW on all queries; instance i stops the step it meets the stopping rule.
+
+    tokens [S, B, T] (or [B, T]); targets [S, B, T]. Returns per-instance lists: steps, final loss and
+    accuracy, diverged flags, and curves (loss/accuracy every ``o.log_every`` steps).
+    """
+    S = model.S
+    tg = targets[..., out_pos[0]:out_pos[1]]
+    params = {n: getattr(model, n) for n in trainable}
+    for n in WEIGHT_NAMES:
+        getattr(model, n).requires_grad_(n in params)
+    state: dict[str, dict[str, Tensor]] = {}
+    active = torch.ones(S, dtype=torch.bool)
+    steps = [o.max_steps] * S
+    final_loss, final_acc = [math.nan] * S, [0.0] * S
+    diverged = [False] * S
+    curve_step: list[int] = []
+    curve_loss: list[list[float]] = []
+    curve_acc: list[list[float]] = []
+    for step in range(o.max_steps + 1):
+        logits = model(tokens, out_pos)
+        loss, acc = per_instance_loss(logits, tg)
+        lv, av = loss.detach().tolist(), acc.tolist()
+        if step % o.log_every == 0 or step == o.max_steps:
+            curve_step.append(step)
+            curve_loss.append(lv)
+            curve_acc.append(av)
+        for i in range(S):
+            if not active[i]:
+                continue
+            final_loss[i], final_acc[i] = lv[i], av[i]
+            done = (o.stop == "acc" and av[i] >= 1.0) or (o.stop == "loss" and lv[i] < o.stop_loss)
+            if not math.isfinite(lv[i]):
+                diverged[i], done = True, True
+            if done or step == o.max_steps:
+                steps[i] = step
+                active[i] = False
+        if not active.any():
+            break
+        for p in params.values():
+            p.grad = None
+        (loss * active.float()).nan_to_num(0.0).sum().backward()
+        adamw_step(params, state, step + 1, active, o, masks)
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(False)
+    for i in range(S):
+        if not all(torch.isfinite(getattr(model, n)[i]).all() for n in WEIGHT_NAMES):
+            diverged[i] = True
+    return {"steps": steps, "loss": final_loss, "accuracy": final_acc, "diverged": diverged,
+            "curve_step": curve_step, "curve_loss": curve_loss, "curve_acc": curve_acc}
+
+
+def trainable_names(mc: ModelCfg) -> list[str]:
+    out = [n for n in WEIGHT_NAMES if not (mc.freeze_embed and n in ("W_E", "W_pos"))
+           and not (mc.freeze_unembed and n == "W_U")]
+    return out
+
+
+@torch.no_grad()
+def greedy_chain_accuracy(model: StackedTransformer, tokens: Tensor, targets: Tensor, K: int, k: int) -> Tensor:
+    """CoT: fraction of queries whose k answers are all right when each step feeds back the argmax [S]."""
+    tok = tokens.clone()
+    ok = torch.ones(tok.shape[:2], dtype=torch.bool)
+    for t in range(k):
+        pred = model(tok, (K + t, K + t + 1))[:, :, 0].argmax(-1)        # [S, B]
+        ok &= pred == targets[..., K + t]
+        if t + 1 < k:
+            tok[..., K + t + 1] = pred
+    return ok.float().mean(-1)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
+    """Train configs that differ only in their seeds as one stacked model; one result per config."""
+    c0 = configs[0]
+    S = len(configs)
+    seeds = [c.seeds.resolve(c.seed) for c in configs]
+    datas = [make_data(c, s) for c, s in zip(configs, seeds)]
+    d0 = datas[0]
+    tokens = torch.stack([d.tokens for d in datas])
+    targets = torch.stack([d.targets for d in datas])
+    model = build_model(c0, S, d0)
+    emb_std = c0.model.emb_std or None
+    for i, s in enumerate(seeds):
+        model.init_instance(i, torch.Generator().manual_seed(s.init), emb_std, c0.model.w2_scale)
+    tr = train(model, tokens, targets, d0.out_pos, c0.optim, trainable_names(c0.model))
+    ev = evaluate(model, GeoData(tokens, targets, d0.subj, d0.chain, d0.out_pos, d0.vocab, d0.bij))
+    t = c0.task
+    chain_acc = None
+    if t.format == "slots" and t.cot:
+        chain_acc = greedy_chain_accuracy(model, tokens, targets, t.slots, t.k).tolist()
+    n_params = sum(getattr(model, n)[0].numel() for n in WEIGHT_NAMES)
+    results = []
+    for i in range(S):
+        acc = float(ev["accuracy"][i])
+        m = {"accuracy": acc, "success": float(acc >= 1.0), "success99": float(acc >= 0.99),
+             "min_margin": float(ev["min_margin"][i]), "mean_margin": float(ev["mean_margin"][i]),
+             "loss": tr["loss"][i], "steps": tr["steps"][i], "n_queries": d0.n_queries,
+             "n_facts": t.N * t.R, "info_bits": information_bits(t.N, t.R), "n_params": n_params,
+             "m": c0.model.m, "curve_step": tr["curve_step"], "curve_loss": [c[i] for c in tr["curve_loss"]],
+             "curve_acc": [c[i] for c in tr["curve_acc"]]}
+        if chain_acc is not None:
+            m["chain_accuracy"] = chain_acc[i]
+            m["success"] = float(chain_acc[i] >= 1.0)
+        w = model.instance_weights(i)
+        w["bij"] = datas[i].bij.clone()
+        status = "diverged" if tr["diverged"][i] else "ok"
+        results.append(RunResult(metrics=m, weights=w, status=status))
+    return results
+
+
+SPEC = TaskSpec(
+    name="geometric",
+    config_cls=GeoConfig,
+    run_stack=run_stack,
+    summary_keys=("task.N", "task.R", "task.k", "task.cot", "model.d_model", "model.d_mlp", "seed"),
+    max_stack=16,
+    description="Geometric factual recall: R random bijections on N entities, one-layer transformer.",
+)

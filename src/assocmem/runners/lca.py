@@ -1,0 +1,146 @@
+"""LCA runs: config, training and evaluation, as a pure function of the config.
+
+Protocol (Jiang et al., authors' code): AdamW (0.9, 0.99), eps 1e-8, weight decay 0.01, constant
+LR, batch 256, 500 steps, a fresh batch every step; cross-entropy at the last position only.
+Evaluation: ``eval.n_eval`` (default 4096) fresh sequences from the evaluation seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, Seeds, param
+from ..models.lca import LCAModel
+from ..registry import RunResult, TaskSpec
+from ..tasks.lca import LCATask, task_for
+from ..training import OptimConfig, finite_members, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LCATaskConfig:
+    m: int = param(6, lo=2, hi=10, help="latent bits; vocabulary 2^m + 1")
+    L: int = param(64, lo=2, hi=8192, help="context length (the last position is the query)")
+    beta: float = param(1.0, lo=1e-3, hi=1e3, help="temperature of p(z|t) ~ exp(-D_H/beta)")
+    rho: float = param(0.5, lo=0.0, hi=1.0, help="probability that a context position is informative")
+    cluster: int = param(0, lo=0, hi=9, help="c: 0 = standard; c > 0 keeps t's first c bits")
+
+    def validate(self) -> None:
+        if self.cluster >= self.m:
+            raise ConfigError(f"task.cluster: {self.cluster} is not allowed (allowed: 0 <= c < task.m={self.m})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LCAModelConfig:
+    d_model: int = param(64, lo=1, hi=8192)
+    W_V: str = param("trained", choices=("trained", "identity"))
+    embeddings: str = param("trained", choices=("trained", "frozen"))
+    attention: str = param("learned", choices=("learned", "uniform"))
+    path: str = param("count", choices=("count", "plain"), help="exact count-based or plain forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    n_eval: int = param(4096, lo=1, hi=10_000_000)
+    chunk: int = param(4096, lo=1, hi=1_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class LCAConfig:
+    task: LCATaskConfig = dataclasses.field(default_factory=LCATaskConfig)
+    model: LCAModelConfig = dataclasses.field(default_factory=LCAModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    seed: int = param(0, lo=0)
+    seeds: Seeds = dataclasses.field(default_factory=Seeds)
+
+
+def make_task(cfg: LCAConfig) -> LCATask:
+    t = cfg.task
+    return task_for(t.m, t.L, t.beta, t.rho, t.cluster)
+
+
+def init_model(cfg: LCAConfig, generators: list[torch.Generator]) -> LCAModel:
+    return LCAModel.init(len(generators), 2 ** cfg.task.m + 1, cfg.model.d_model, generators,
+                         identity_W_V=cfg.model.W_V == "identity",
+                         train_embeddings=cfg.model.embeddings == "trained",
+                         uniform_attention=cfg.model.attention == "uniform")
+
+
+def model_from_weights(cfg: LCAConfig, weights: Sequence[dict[str, torch.Tensor]]) -> LCAModel:
+    """Rebuild a stacked model from stored per-run weights (as saved by :func:`run_stack`)."""
+    stack = lambda k: torch.stack([w[k] for w in weights])  # noqa: E731
+    return LCAModel(stack("W_E"), stack("W_Q"), stack("W_K"),
+                    stack("W_V") if "W_V" in weights[0] else None,
+                    train_embeddings=False, uniform_attention=cfg.model.attention == "uniform")
+
+
+def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator]):
+    """One batch per instance from its own generator: x [S, B, L], t [S, B]."""
+    ts, us = zip(*(task.draw(batch, g) for g in generators))
+    t = torch.stack(ts)
+    return task.decode(t, torch.stack(us)), t
+
+
+@torch.no_grad()
+def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], n: int,
+             chunk: int = 4096, path: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-instance accuracy and mean cross-entropy on n fresh sequences: ([S], [S])."""
+    hits = torch.zeros(model.S)
+    loss = torch.zeros(model.S, dtype=torch.float64)
+    done = 0
+    while done < n:
+        b = min(chunk, n - done)
+        x, t = sample_stack(task, b, generators)
+        logits = model(x, path)
+        hits += (logits.argmax(-1) == t).sum(1)
+        loss += F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(model.S, b).double().sum(1)
+        done += b
+    return hits / n, (loss / n).float()
+
+
+def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
+    """Train S same-shaped configs (differing only in seeds) as one stacked model."""
+    cfg = configs[0]
+    seeds = [c.seeds.resolve(c.seed) for c in configs]
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    task = make_task(cfg)
+    model = init_model(cfg, [gen(s.init) for s in seeds])
+    train_g = [gen(s.train) for s in seeds]
+    opt = make_optimizer(model.parameters(), cfg.optim) if cfg.optim.steps else None
+    S, B = len(configs), cfg.optim.batch_size
+    recent = torch.zeros(S)
+    for step in range(cfg.optim.steps):
+        x, t = sample_stack(task, B, train_g)
+        logits = model(x, cfg.model.path)
+        loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(S, B).mean(1)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        if step >= cfg.optim.steps - 20:
+            recent += loss.detach() / min(20, cfg.optim.steps)
+    ok = finite_members(recent[:, None], *(p for p in model.parameters()))
+    acc, eval_loss = evaluate(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
+                              cfg.model.path)
+    results = []
+    for i in range(S):
+        weights = {"W_E": model.W_E[i], "W_Q": model.W_Q[i], "W_K": model.W_K[i]}
+        if model.W_V is not None:
+            weights["W_V"] = model.W_V[i]
+        metrics = {"accuracy": float(acc[i]), "eval_loss": float(eval_loss[i]),
+                   "train_loss": float(recent[i]), "n_eval": cfg.eval.n_eval, "steps": cfg.optim.steps}
+        status = "ok" if bool(ok[i]) else "diverged"
+        results.append(RunResult(metrics, weights, status, None if status == "ok" else "non-finite loss or weights"))
+    return results
+
+
+SPEC = TaskSpec(
+    name="lca",
+    config_cls=LCAConfig,
+    run_stack=run_stack,
+    summary_keys=("task.m", "task.L", "task.cluster", "model.d_model", "model.W_V", "model.embeddings",
+                  "optim.lr", "seed"),
+    description="latent concept association, one-layer attention-only model (Jiang et al. 2024)",
+)

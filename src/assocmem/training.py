@@ -1,0 +1,89 @@
+"""Shared training pieces: the optimiser config and helpers for stacked (instance-batched) models."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import ConfigError, param
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings. Constant learning rate, no warm-up, no schedule (the papers' protocol)."""
+    name: str = param("adamw", choices=("adamw", "adam", "sgd"))
+    lr: float = param(1e-2, lo=1e-8, hi=10.0)
+    betas: tuple[float, ...] = param((0.9, 0.99), lo=0.0, hi=0.999999)
+    eps: float = param(1e-8, lo=0.0)
+    momentum: float = param(0.9, lo=0.0, hi=1.0, help="sgd only")
+    weight_decay: float = param(0.01, lo=0.0)
+    batch_size: int = param(256, lo=1, hi=1_000_000)
+    steps: int = param(500, lo=0, hi=10_000_000)
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: {list(self.betas)} is not allowed (allowed: two numbers in [0, 1))")
+
+
+class Optimizer:
+    """Minimal elementwise optimisers with torch.optim's exact update rules (AdamW, Adam with L2
+    weight decay, SGD with momentum). Elementwise updates keep members of a stacked model
+    independent. Written here because ``torch.optim`` imports TorchDynamo on first use, which costs
+    about a second per process -- more than a whole LCA run; tests/test_training.py proves the
+    updates equal torch.optim's."""
+
+    def __init__(self, params, cfg: OptimConfig):
+        self.params = [p for p in params if p.requires_grad]
+        self.cfg = cfg
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params] if cfg.name != "sgd" else []
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        cfg, params = self.cfg, self.params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self.t += 1
+        if cfg.name == "sgd":
+            if cfg.weight_decay:
+                grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+            if cfg.momentum:
+                if self.t == 1:
+                    torch._foreach_copy_(self.m, grads)
+                else:
+                    torch._foreach_mul_(self.m, cfg.momentum)
+                    torch._foreach_add_(self.m, grads)
+                grads = self.m
+            torch._foreach_add_(params, grads, alpha=-cfg.lr)
+            return
+        b1, b2 = cfg.betas
+        if cfg.name == "adamw":
+            torch._foreach_mul_(params, 1.0 - cfg.lr * cfg.weight_decay)
+        elif cfg.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        torch._foreach_lerp_(self.m, grads, 1.0 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, 1.0 - b2)
+        step_size = cfg.lr / (1.0 - b1 ** self.t)
+        bias2_sqrt = (1.0 - b2 ** self.t) ** 0.5
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, cfg.eps)
+        torch._foreach_addcdiv_(params, self.m, denom, -step_size)
+
+
+def make_optimizer(params, cfg: OptimConfig) -> Optimizer:
+    return Optimizer(params, cfg)
+
+
+def finite_members(*tensors: torch.Tensor) -> torch.Tensor:
+    """[S] bool: True where every entry of every tensor (leading dim S) is finite."""
+    ok = None
+    for t in tensors:
+        f = torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(1)
+        ok = f if ok is None else ok & f
+    return ok

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from assocmem.config import build
+from assocmem.training import OptimConfig, make_optimizer
+
+
+@pytest.mark.parametrize("name,extra", [("adamw", {}), ("adam", {"weight_decay": 0.05}),
+                                        ("sgd", {"momentum": 0.9, "weight_decay": 1e-4}),
+                                        ("sgd", {"momentum": 0.0, "weight_decay": 0.0})])
+def test_optimizer_matches_torch_optim(name, extra):
+    cfg = build(OptimConfig, {"name": name, "lr": 0.03, **extra})
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(3, 5, 4, generator=g), torch.randn(3, 7, generator=g)]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = make_optimizer(ours, cfg)
+    if name == "adamw":
+        topt = torch.optim.AdamW(ref, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif name == "adam":
+        topt = torch.optim.Adam(ref, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        topt = torch.optim.SGD(ref, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for step in range(25):
+        target = torch.randn(3, 5, 4, generator=g)
+        for params, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            loss = ((params[0] - target) ** 2).sum() + (params[1].sin() * params[0].sum((1, 2))[:, None]).sum()
+            loss.backward()
+            o.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
