@@ -26,7 +26,8 @@ def test_reference_decoders_match_spec_table(m, decoder):
 def test_bayes_short_contexts():
     for m, L, expected in [(5, 8, 0.31), (5, 32, 0.71), (8, 8, 0.19), (8, 16, 0.38), (8, 32, 0.66)]:
         acc = decoder_accuracy("bayes", LCATask(m, L), 20000, torch.Generator().manual_seed(3))
-        assert abs(acc - expected) <= 0.025, (m, L, acc)
+        # spec cells: a +-0.02 simulation rounded to whole percent; ours (20k draws) +-0.007
+        assert abs(acc - expected) <= 0.03, (m, L, acc)
 
 
 def test_constructed_W_V_in_model_equals_neighbour_count_decoder():
