@@ -1,0 +1,231 @@
+"""Reproduction of the LLM half of "Do LLMs dream of elephants?" (Jiang et al., NeurIPS 2024) on the
+bundled small models: efficacy score (ES) vs number of prepends for every scheme and relation, and
+the Figure 1 demo.
+
+    assocmem reproduce hijack                     # quick: n records per curve sized for ~20 min, 2 cores
+    assocmem hijack reproduce --n 300 --out DIR   # larger subsample (or ASSOCMEM_HIJACK_N=300)
+
+Per-record scores are cached as parquet under ``out_dir/scores/`` and reused unless ``force``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .. import plots, report
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+RELATIONS = ("P103", "P131", "P190", "P641", "P1412")
+N_DEFAULT = {"quick": 40, "paper": 500}
+K_DEFAULT = tuple(range(11))
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    scheme: str
+    relation: str | None     # None: all records (generic schemes)
+    figure: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.scheme}_{self.relation or 'all'}"
+
+
+CURVES = [Curve("generic_false", None, "sub_false_accs"), Curve("generic_true", None, "sub_true_accs")] + [
+    Curve(f"relation_{pol}", rel, f"sentence_{pol}_{rel}") for pol in ("false", "true") for rel in RELATIONS]
+
+
+def _available(name: str) -> bool:
+    from ..llm.models import BUNDLED
+    return importlib.util.find_spec(BUNDLED[name].package) is not None
+
+
+class _LazyModel:
+    def __init__(self, name: str, log: dict):
+        self.name, self.log, self._lm = name, log, None
+
+    def get(self):
+        if self._lm is None:
+            from ..llm.models import load_model
+            self._lm = load_model(self.name, progress=False)
+            self.log["models"][self.name] = self._lm.meta | {"params": self._lm.n_params}
+        return self._lm
+
+
+def _score_model(lazy: _LazyModel, out: Path, records, book, ks, n: int, force: bool, log) -> dict[str, pd.DataFrame]:
+    """Score every curve for one model (cached per curve); returns {curve key: per-record table}."""
+    from ..hijack.counterfact import select
+    from ..hijack.evaluate import score_records, write_parquet
+    tables, name = {}, lazy.name
+    for c in CURVES:
+        path = out / "scores" / name / f"{c.key}_n{n}_k{min(ks)}-{max(ks)}_seed{SEED}.parquet"
+        if path.exists() and not force:
+            tables[c.key] = pd.read_parquet(path)
+            continue
+        lm = lazy.get()
+        scheme = book.get(c.scheme)
+        rels = [c.relation] if c.relation else None
+        recs = select(records, rels, n, SEED)
+        t0 = time.perf_counter()
+        df, skipped = score_records(lm.model, lm.tokenizer, recs, scheme, ks, book.countries, sep=book.separator,
+                                    progress=True)
+        log["wall"][f"{name}/{c.key}"] = round(time.perf_counter() - t0, 1)
+        if skipped.total:
+            log["skipped"][f"{name}/{c.key}"] = skipped.counts
+        write_parquet(df, path)
+        tables[c.key] = df
+    return tables
+
+
+def _figure(curve: Curve, results: dict[str, dict[str, pd.DataFrame]]):
+    fig, ax = plots.new_figure()
+    for i, (model, summ) in enumerate(results.items()):
+        s = summ.get(curve.key)
+        if s is None or s.empty:
+            continue
+        color = plots.COLORS[i % len(plots.COLORS)]
+        ax.plot(s.k, s.value, marker="o", ms=3.5, color=color, label=f"{model} (n={int(s.n.iloc[0])})")
+        ax.fill_between(s.k, s.lo, s.hi, color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel("Number of prepends")
+    ax.set_ylabel("Efficacy Score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(curve.figure)
+    ax.legend()
+    return fig
+
+
+def _demo_figure(demos: dict[str, list[dict]]):
+    fig, axes = plots.new_figure(nrows=max(1, len(demos)), ncols=2, figsize=(8, 2.4 * max(1, len(demos))),
+                                 squeeze=False)
+    for row, (model, res) in enumerate(demos.items()):
+        for col, r in enumerate(res):
+            ax = axes[row][col]
+            toks = [t for t, _ in r["top"]][::-1]
+            ax.barh(range(len(toks)), [p for _, p in r["top"]][::-1], color=plots.COLORS[col])
+            ax.set_yticks(range(len(toks)), [repr(t) for t in toks])
+            ax.set_xlim(0, 1)
+            ax.set_title(f"{model}: {'with' if r['context'] else 'without'} context", fontsize=9)
+    return fig
+
+
+def _checks(model: str, summ: dict[str, pd.DataFrame], ks: Sequence[int]) -> list[report.Check]:
+    out = []
+    k1 = 1 if 1 in ks else min(k for k in ks if k > 0)
+    for c in CURVES:
+        s = summ.get(c.key)
+        if s is None or s.empty:
+            out.append(report.Check(f"{model}: {c.figure}", None, "missing", note="no records"))
+            continue
+        v = s.set_index("k")
+        k0, kmax = min(ks), max(ks)
+        note = f"n={int(s.n.iloc[0])}; ES k={k0}: {v.value[k0]:.3f}, k={kmax}: {v.value[kmax]:.3f}"
+        if c.scheme == "generic_false":
+            up = v.lo[k1] > v.hi[k0]
+            stays = all(v.value[k] > v.hi[k0] for k in ks if k1 <= k <= 5)
+            out.append(report.trend(f"{model}: {c.figure} rises k={k0}->{k1} (CIs apart), stays up to k=5",
+                                    up and stays, round(float(v.value[k1] - v.value[k0]), 3),
+                                    "ES rises with k", note))
+        elif c.scheme.endswith("false"):
+            out.append(report.trend(f"{model}: {c.figure} ES(k={kmax}) > ES(k={k0})", v.value[kmax] > v.value[k0],
+                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES rises with k", note))
+        else:
+            out.append(report.trend(f"{model}: {c.figure} ES(k={kmax}) < ES(k={k0})", v.value[kmax] < v.value[k0],
+                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES falls with k", note))
+    return out
+
+
+def _example_table(records) -> str:
+    from ..hijack.schemes import load_schemes
+    book = load_schemes()
+    lines = ["| relation | context (relation_false, k=1) | true target | false target |", "|---|---|---|---|"]
+    for rel in RELATIONS:
+        for r in sorted((r for r in records if r.relation_id == rel), key=lambda r: r.case_id):
+            s, _ = book.get("relation_false").sentence(r, book.countries)
+            if s:
+                lines.append(f"| {rel} | {s} {r.text} | {r.target_true} | {r.target_new} |")
+                break
+    return "\n".join(lines)
+
+
+def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False, n: int | None = None,
+              models: Sequence[str] | None = None, ks: Sequence[int] | None = None) -> report.Section:
+    from ..hijack.counterfact import load_counterfact
+    from ..hijack.demo import EIFFEL_CONTEXT, EIFFEL_PROMPT, top_next_tokens
+    from ..hijack.schemes import load_schemes
+    from ..hijack.evaluate import summarize
+
+    out = Path(out_dir)
+    n = int(n or os.environ.get("ASSOCMEM_HIJACK_N") or N_DEFAULT.get(scale, N_DEFAULT["quick"]))
+    ks = list(ks or K_DEFAULT)
+    models = list(models or MODELS)
+    t_start = time.perf_counter()
+    ds = load_counterfact()
+    book = load_schemes()
+    log: dict = {"models": {}, "wall": {}, "skipped": {}}
+    results: dict[str, dict[str, pd.DataFrame]] = {}
+    demos: dict[str, list[dict]] = {}
+    missing = [m for m in models if not _available(m)]
+    for name in models:
+        if name in missing:
+            continue
+        lazy = _LazyModel(name, log)
+        tables = _score_model(lazy, out, ds.records, book, ks, n, force, log)
+        results[name] = {key: summarize(df, "es", seed=SEED) for key, df in tables.items()}
+        lm = lazy.get()
+        demos[name] = [top_next_tokens(lm.model, lm.tokenizer, EIFFEL_PROMPT, c) for c in (None, EIFFEL_CONTEXT)]
+        del lazy, lm
+
+    figdir = out / "figures"
+    families = []
+    fig1 = report.Family("Figure 1: top next tokens without and with a prepended sentence",
+                         text=f"Prompt {EIFFEL_PROMPT!r}; context {EIFFEL_CONTEXT!r}.")
+    if demos:
+        plots.save(_demo_figure(demos), figdir, "hijack-example")
+        fig1.figures.append("figures/hijack-example.png")
+    for name, res in demos.items():
+        top0, top1 = res[0]["top"][0][0].strip(), res[1]["top"][0][0].strip()
+        fig1.checks.append(report.trend(f"{name}: top-1 without context is Paris", top0 == "Paris", top0, "Paris"))
+        fig1.checks.append(report.trend(f"{name}: top-1 with context is Chicago", top1 == "Chicago", top1,
+                                        "Chicago (GPT-2)"))
+    families.append(fig1)
+    for group, curves in [("Generic prepends: 'Do not think of {target}.'", CURVES[:2]),
+                          ("Relation sentences, false target (ES should rise)", CURVES[2:7]),
+                          ("Relation sentences, true target (ES should fall)", CURVES[7:])]:
+        fam = report.Family(group)
+        for c in curves:
+            plots.save(_figure(c, results), figdir, c.figure)
+            fam.figures.append(f"figures/{c.figure}.png")
+        for name in results:
+            fam.checks += [ch for ch in _checks(name, {c.key: results[name].get(c.key) for c in curves}, ks)
+                           if any(c.figure in ch.name for c in curves)]
+        families.append(fam)
+    for name in missing:
+        from ..llm.models import BUNDLED
+        families[0].checks.append(report.Check(f"{name}: not installed", None, "missing",
+                                               note=BUNDLED[name].install))
+    families.append(report.Family("Appendix: one CounterFact example per relation", text=_example_table(ds.records)))
+    rows = [{"model": m, "curve": k, **r} for m, res in results.items() for k, s in res.items()
+            for r in s.to_dict("records")]
+    if rows:
+        from ..hijack.evaluate import write_parquet
+        write_parquet(pd.DataFrame(rows), out / "es_summary.parquet")
+    section = report.Section(
+        "hijack", "Context hijacking of language models on CounterFact (Jiang et al. 2024, LLM part)",
+        intro=(f"Efficacy score (ROME: mean per-token NLL of the false target below the true one) vs number of "
+               f"prepends k, on a seeded subsample of n={n} records per curve (relation curves: records of "
+               f"that relation; relation ids are heuristic, see the data README) from {ds.source}. Shaded: "
+               "95% bootstrap CI over records. The paper's models (GPT-2, Gemma-2B, LLaMA-7B) are replaced by "
+               "the bundled SmolLM2-135M-Instruct and gemma-3-270m; relation sentences are reconstructions."),
+        families=families,
+        meta=report.run_meta(n=n, ks=f"{min(ks)}..{max(ks)}", seed=SEED, data=ds.source, schemes=book.source,
+                             separator=repr(book.separator), models=log["models"], skipped=log["skipped"],
+                             scoring_wall_s=log["wall"], total_wall_s=round(time.perf_counter() - t_start, 1)))
+    report.write_report(section, out)
+    return section
