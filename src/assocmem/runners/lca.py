@@ -126,9 +126,7 @@ def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
                               cfg.model.path)
     results = []
     for i in range(S):
-        weights = {"W_E": model.W_E[i], "W_Q": model.W_Q[i], "W_K": model.W_K[i]}
-        if model.W_V is not None:
-            weights["W_V"] = model.W_V[i]
+        weights = {name: p[i].detach().clone() for name, p in model.named_parameters()}
         metrics = {"accuracy": float(acc[i]), "eval_loss": float(eval_loss[i]),
                    "train_loss": float(recent[i]), "n_eval": cfg.eval.n_eval, "steps": cfg.optim.steps}
         status = "ok" if bool(ok[i]) else "diverged"
