@@ -114,6 +114,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="assocmem", description="Associative memory in transformers: "
                                 "train, sweep, reproduce papers, and score context hijacking.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"assocmem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="train and evaluate one run")
