@@ -41,12 +41,16 @@ def centred_log_bigram(pi_b: Tensor, eps: float = 1e-3) -> Tensor:
 def build_amt(pi_b: Tensor, d_model: int = 256, pos: str = "ape", T_train: int = 256, n_ctx: int = 1024,
               beta1: float = 30.0, beta2: float = 30.0, lam: float | Tensor = 20.0,
               mu: float | Tensor = 1.0, key_tokens: Tensor | None = None, eps: float = 1e-3,
-              seed: int = 0) -> SimplifiedInduction:
+              seed: int = 0, basis: str = "random") -> SimplifiedInduction:
     """The calibrated AMT (spec "Calibrated construction"): a single-instance SimplifiedInduction.
 
     pi_b [N, N] bigram table; pos 'ape' (W_K^1 stores p_t -> p_{t-1} for t < T_train) or 'rel_bias'
     (bias beta1 at offset 1); key_tokens: the query tokens Q of W_K^2 (None: all tokens); lam scalar
     or [N] (per output); mu scalar or [N, N] (per association; weighted AMT).
+    basis 'random': the spec's calibrated construction (orthonormal W_E and W_U, independent; W_V1,
+    W_O1, W_V2 random N(0, 1/d)). basis 'orthogonal' (idealised, needs d >= 3N): w_E(k), w_1(k) and
+    w_U(k) are orthonormal and mutually orthogonal (W_V1 = I, W_O1 = sum_k f_k w_E(k)^T, W_V2 =
+    sum_k w_E(k) w_E(k)^T); with RPE the logits then equal the closed-form rule up to e^{-beta2}.
     """
     if pos not in ("ape", "rel_bias"):
         raise ValueError(f"pos: {pos!r} is not allowed (allowed: ape, rel_bias)")
@@ -54,10 +58,20 @@ def build_amt(pi_b: Tensor, d_model: int = 256, pos: str = "ape", T_train: int =
     g = torch.Generator().manual_seed(seed)
     m = SimplifiedInduction([torch.Generator().manual_seed(seed)], N, d, n_ctx, pos=pos, ffn="linear",
                             scale_scores=False, ffn_input="embedding")
-    E = orthonormal_rows(N, d, g)
-    U = orthonormal_rows(N, d, g)
-    P = torch.randn(n_ctx, d, generator=g) / math.sqrt(d)
-    W_V1, W_O1, W_V2 = (torch.randn(d, d, generator=g) / math.sqrt(d) for _ in range(3))
+    if basis == "orthogonal":
+        if 3 * N > d:
+            raise ValueError(f"basis: 'orthogonal' needs d_model >= 3N = {3 * N} (got {d})")
+        B3 = orthonormal_rows(3 * N, d, g)
+        E, Fk, U = B3[:N], B3[N:2 * N], B3[2 * N:]
+        P = torch.randn(n_ctx, d, generator=g) / math.sqrt(d)
+        W_V1, W_O1, W_V2 = torch.eye(d), Fk.T @ E, E.T @ E
+    elif basis == "random":
+        E = orthonormal_rows(N, d, g)
+        U = orthonormal_rows(N, d, g)
+        P = torch.randn(n_ctx, d, generator=g) / math.sqrt(d)
+        W_V1, W_O1, W_V2 = (torch.randn(d, d, generator=g) / math.sqrt(d) for _ in range(3))
+    else:
+        raise ValueError(f"basis: {basis!r} is not allowed (allowed: random, orthogonal)")
     if pos == "ape":
         W_K1 = beta1 * P[1:T_train].T @ P[:T_train - 1]                     # sum_t p_t p_{t-1}^T
     else:
@@ -111,11 +125,20 @@ def context_counts(z: Tensor, N: int) -> tuple[Tensor, Tensor]:
     return n, hit.sum(1)
 
 
-def closed_form_logits(z: Tensor, lam: float, mu: float, log_pi: Tensor) -> Tensor:
-    """xi [B, N] = lam * n_k/|S| + mu * log_pi[q, k] at the last position of prompts z [B, T]."""
+def closed_form_logits(z: Tensor, lam: float, mu: float, log_pi: Tensor, empty: str = "global") -> Tensor:
+    """xi [B, N] = lam * n_k/|S| + mu * log_pi[q, k] at the last position of prompts z [B, T].
+
+    empty: what the in-context term is when S(q) is empty -- 'global' (absent, the spec's rule) or
+    'uniform' (layer-2 attention uniform over all T positions: lam * count_k(z)/T, what a
+    construction without an attention sink does)."""
     N = log_pi.shape[0]
     n, size = context_counts(z, N)
     frac = torch.where(size[:, None] > 0, n / size.clamp(min=1)[:, None], torch.zeros_like(n))
+    if empty == "uniform":
+        uni = torch.zeros(z.shape[0], N).scatter_add_(1, z, torch.ones(z.shape, dtype=torch.float)) / z.shape[1]
+        frac = torch.where(size[:, None] > 0, frac, uni)
+    elif empty != "global":
+        raise ValueError(f"empty: {empty!r} is not allowed (allowed: global, uniform)")
     return lam * frac + mu * log_pi[z[:, -1]]
 
 
