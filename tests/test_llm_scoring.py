@@ -109,6 +109,10 @@ def test_grouping_does_not_change_scores():
     reqs = hijack_requests(3)
     ungrouped = [Request(r.context, r.targets) for r in reqs]
     assert max_abs_diff(fast_score(model, tok, reqs), fast_score(model, tok, ungrouped)) < 1e-4
+    unpacked = FastScorer(model, tok, pack=False)
+    assert max_abs_diff(fast_score(model, tok, reqs), unpacked.score(reqs)) < 1e-4
+    packed = FastScorer(model, tok, min_width=10_000)            # everything in one row
+    assert max_abs_diff(packed.score(reqs), unpacked.score(reqs)) < 1e-4 and packed.stats["forwards"] == 1
 
 
 def test_sequence_longer_than_sliding_window_is_refused():

@@ -10,8 +10,9 @@ both targets) are inserted into a token trie. Hijack prefixes nest (``S^k`` is a
 ``S^(k+1)``), both targets share their prompt, so the trie holds far fewer tokens than the
 sequences. The trie is flattened into one row: each node attends to its ancestors and itself (a 4-D
 additive attention mask) at position id = its depth, which reproduces, node for node, the causal
-computation of every sequence it lies on. Rows are batched by size and logits are computed only at
-the nodes whose next token is scored (moved to the end of the row and read with ``logits_to_keep``).
+computation of every sequence it lies on. Small tries are packed together into rows (block-diagonal
+masks), rows are batched by size, and logits are computed only at the nodes whose next token is
+scored (moved to the end of the row and read with ``logits_to_keep``).
 Where the tokenisation of a longer context does not extend a shorter one, the trie simply branches
 earlier: exactness never depends on the prefix property, only the saving does.
 """
@@ -169,6 +170,35 @@ def _build_rows(tokenizer, requests: Sequence[Request]) -> list[_Row]:
     return list(rows.values())
 
 
+def _pack(rows: list[_Row], width: int) -> list[_Row]:
+    """First-fit-decreasing packing of small tries into rows of at most ``width`` tokens (or one
+    larger trie). Tries in one row never see each other: the ancestor mask is block-diagonal."""
+    bins: list[list[_Row]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r.trie)):
+        n = len(row.trie)
+        for b in range(len(bins)):
+            if room[b] >= n:
+                bins[b].append(row)
+                room[b] -= n
+                break
+        else:
+            bins.append([row])
+            room.append(width - n)
+    return [_merge(b) if len(b) > 1 else b[0] for b in bins]
+
+
+def _merge(rows: list[_Row]) -> _Row:
+    trie, items, off = _Trie(), [], 0
+    for r in rows:
+        trie.tokens += r.trie.tokens
+        trie.depth += r.trie.depth
+        trie.parent += [p + off if p >= 0 else -1 for p in r.trie.parent]
+        items += [(ri, ti, mode, [(node + off, tok) for node, tok in pairs]) for ri, ti, mode, pairs in r.items]
+        off += len(r.trie)
+    return _Row(trie, items)
+
+
 def _window(model) -> int | None:
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     w = getattr(cfg, "sliding_window", None)
@@ -176,11 +206,14 @@ def _window(model) -> int | None:
 
 
 class FastScorer:
-    """Batched trie scorer. ``token_budget`` bounds (rows x padded length) per forward pass."""
+    """Batched trie scorer. Tries are packed into rows as wide as the largest one (``pack``), rows of
+    similar width are batched, ``token_budget`` bounds (rows x padded width) per forward pass."""
 
-    def __init__(self, model, tokenizer, token_budget: int = 6144, max_rows: int = 64):
+    def __init__(self, model, tokenizer, token_budget: int = 6144, max_rows: int = 64, pack: bool = True,
+                 min_width: int = 128):
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.max_rows = token_budget, max_rows
+        self.pack, self.min_width = pack, min_width
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -241,6 +274,8 @@ class FastScorer:
     def score(self, requests: Sequence[Request], progress: bool = False) -> list[list[Scored]]:
         from tqdm.auto import tqdm
         rows = _build_rows(self.tokenizer, requests)
+        if self.pack and rows:
+            rows = _pack(rows, max(self.min_width, max(len(r.trie) for r in rows)))
         win = _window(self.model)
         deepest = max((max(r.trie.depth) + 1 for r in rows if len(r.trie)), default=0)
         if win is not None and deepest > win:
