@@ -65,7 +65,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     task, configs = grid_from_file(args.grid, parse_dotlist(args.overrides))
     store = RunStore(args.out)
-    backend = make_backend(args.backend, jobs=args.jobs)
+    kwargs = {"jobs": args.jobs} if args.backend == "local" else {"address": args.address}
+    backend = make_backend(args.backend, **kwargs)
     rep = run_configs(task, configs, store, backend=backend, force=args.force, stack=not args.no_stack)
     print(summarize(store, rep.run_ids, task.summary_keys))
     print(f"{len(rep.run_ids)} runs: {rep.ran} ran, {rep.skipped} already finished, {rep.failed} failed "
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to the grid's base")
     s.add_argument("--out", default=DEFAULT_OUT)
     s.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
-    s.add_argument("--backend", default="local", help="execution backend (default local)")
+    s.add_argument("--backend", default="local", help="execution backend: local (default) or ray")
+    s.add_argument("--address", help="ray: cluster address (default: RAY_ADDRESS or a local instance)")
     s.add_argument("--force", action="store_true")
     s.add_argument("--no-stack", action="store_true", help="do not batch seeds into one model")
     s.set_defaults(fn=_cmd_sweep)

@@ -63,11 +63,16 @@ class TaskSpec:
         return self.run_stack([cfg])[0]
 
 
+def load_spec(path: str) -> TaskSpec:
+    """Import a TaskSpec from its "module:attribute" path."""
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ConfigError(f"task: unknown task {name!r} (allowed: {', '.join(sorted(TASKS))})")
-    module, attr = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_spec(TASKS[name])
 
 
 def config_from(task: TaskSpec, *layers: dict) -> Any:

@@ -32,16 +32,20 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from .config import ConfigError, config_hash, load_yaml, merge, unflatten
-from .registry import RunResult, TaskSpec, config_from, get_task
+from .registry import TASKS, RunResult, TaskSpec, config_from, get_task, load_spec
 from .store import RunStore
 
 
 @dataclasses.dataclass
 class Job:
-    """One unit of work for a backend: configs of one task that share a stack key."""
+    """One unit of work for a backend: configs of one task that share a stack key.
+
+    ``spec`` is the task's "module:attribute" path, so a worker process on any machine can import
+    it without the driver's registry state."""
     task: str
     configs: list[Any]
     run_ids: list[str]
+    spec: str = ""
 
 
 def expand_grid(spec: Mapping[str, Any]) -> tuple[TaskSpec, list[Any]]:
@@ -84,13 +88,14 @@ def make_jobs(task: TaskSpec, configs: Sequence[Any], stack: bool = True) -> lis
     for cfgs in groups.values():
         for i in range(0, len(cfgs), task.max_stack):
             chunk = cfgs[i:i + task.max_stack]
-            jobs.append(Job(task.name, chunk, [config_hash(task.name, c) for c in chunk]))
+            jobs.append(Job(task.name, chunk, [config_hash(task.name, c) for c in chunk],
+                            TASKS.get(task.name, "")))
     return jobs
 
 
 def execute_job(job: Job) -> list[RunResult]:
     """Run one job; an exception becomes an ``error`` result for each of its runs."""
-    task = get_task(job.task)
+    task = load_spec(job.spec) if job.spec else get_task(job.task)
     t0 = time.perf_counter()
     try:
         results = task.run_stack(job.configs)
@@ -137,13 +142,19 @@ class LocalBackend:
                 yield futures[fut], fut.result()
 
 
-BACKENDS = {"local": LocalBackend}
+# name -> class or "module:Class" (imported on use, so optional dependencies stay optional)
+BACKENDS: dict[str, Any] = {"local": LocalBackend, "ray": "assocmem.ray_backend:RayBackend"}
 
 
 def make_backend(name: str = "local", **kwargs: Any) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"--backend: {name!r} is not allowed (allowed: {', '.join(BACKENDS)})")
-    return BACKENDS[name](**kwargs)
+    cls = BACKENDS[name]
+    if isinstance(cls, str):
+        import importlib
+        module, attr = cls.split(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls(**kwargs)
 
 
 @dataclasses.dataclass

@@ -80,6 +80,19 @@ def make_optimizer(params, cfg: OptimConfig) -> Optimizer:
     return Optimizer(params, cfg)
 
 
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``auto`` (cuda when available). Random draws always happen on the CPU
+    with the run's generators, so a run's data do not depend on the device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda is not available on this machine (allowed here: cpu, auto)")
+    return torch.device(name)
+
+
 def finite_members(*tensors: torch.Tensor) -> torch.Tensor:
     """[S] bool: True where every entry of every tensor (leading dim S) is finite."""
     ok = None

@@ -29,7 +29,7 @@ def log_counts(c: Tensor) -> Tensor:
     """log of non-negative integer counts (log 0 = -inf) by table lookup: torch.log is ~15x slower
     on tensors with many zeros."""
     c = c.long()
-    table = torch.log(torch.arange(int(c.max()) + 1, dtype=torch.float32))
+    table = torch.log(torch.arange(int(c.max()) + 1, dtype=torch.float32, device=c.device))
     return table.index_select(0, c.view(-1)).view(c.shape)
 
 
@@ -77,7 +77,7 @@ class LCAModel(nn.Module):
     def forward_plain(self, x: Tensor) -> Tensor:
         """Reference full-sequence forward. x [S, B, L] -> logits [S, B, V+1]."""
         S = self.S
-        h = self.W_E[torch.arange(S)[:, None, None], x]                 # [S, B, L, d]
+        h = self.W_E[torch.arange(S, device=x.device)[:, None, None], x]                 # [S, B, L, d]
         q = torch.einsum("sed,sbd->sbe", self.W_Q, h[:, :, -1])          # [S, B, d]   q = W_Q h_L
         k = torch.einsum("sed,sbld->sble", self.W_K, h)                  # [S, B, L, d]
         v = h if self.W_V is None else torch.einsum("sed,sbld->sble", self.W_V, h)

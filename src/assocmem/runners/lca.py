@@ -16,7 +16,7 @@ from ..config import ConfigError, Seeds, param
 from ..models.lca import LCAModel
 from ..registry import RunResult, TaskSpec
 from ..tasks.lca import LCATask, task_for
-from ..training import OptimConfig, finite_members, make_optimizer
+from ..training import DEVICES, OptimConfig, finite_members, make_optimizer, resolve_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class LCAConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     seed: int = param(0, lo=0)
     seeds: Seeds = dataclasses.field(default_factory=Seeds)
+    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
 
 def make_task(cfg: LCAConfig) -> LCATask:
@@ -77,28 +78,30 @@ def model_from_weights(cfg: LCAConfig, weights: Sequence[dict[str, torch.Tensor]
                     train_embeddings=False, uniform_attention=cfg.model.attention == "uniform")
 
 
-def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator]):
-    """One batch per instance from its own generator: x [S, B, L], t [S, B]."""
+def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator],
+                 device: torch.device | str = "cpu"):
+    """One batch per instance from its own generator: x [S, B, L], t [S, B] (drawn on the CPU)."""
     ts, us = zip(*(task.draw(batch, g) for g in generators))
     t = torch.stack(ts)
-    return task.decode(t, torch.stack(us)), t
+    return task.decode(t, torch.stack(us)).to(device), t.to(device)
 
 
 @torch.no_grad()
 def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], n: int,
              chunk: int = 4096, path: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-instance accuracy and mean cross-entropy on n fresh sequences: ([S], [S])."""
-    hits = torch.zeros(model.S)
-    loss = torch.zeros(model.S, dtype=torch.float64)
+    device = model.W_E.device
+    hits = torch.zeros(model.S, device=device)
+    loss = torch.zeros(model.S, dtype=torch.float64, device=device)
     done = 0
     while done < n:
         b = min(chunk, n - done)
-        x, t = sample_stack(task, b, generators)
+        x, t = sample_stack(task, b, generators, device)
         logits = model(x, path)
         hits += (logits.argmax(-1) == t).sum(1)
         loss += F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(model.S, b).double().sum(1)
         done += b
-    return hits / n, (loss / n).float()
+    return (hits / n).cpu(), (loss / n).float().cpu()
 
 
 def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
@@ -107,13 +110,14 @@ def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     seeds = [c.seeds.resolve(c.seed) for c in configs]
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     task = make_task(cfg)
-    model = init_model(cfg, [gen(s.init) for s in seeds])
+    device = resolve_device(cfg.device)
+    model = init_model(cfg, [gen(s.init) for s in seeds]).to(device)
     train_g = [gen(s.train) for s in seeds]
     opt = make_optimizer(model.parameters(), cfg.optim) if cfg.optim.steps else None
     S, B = len(configs), cfg.optim.batch_size
-    recent = torch.zeros(S)
+    recent = torch.zeros(S, device=device)
     for step in range(cfg.optim.steps):
-        x, t = sample_stack(task, B, train_g)
+        x, t = sample_stack(task, B, train_g, device)
         logits = model(x, cfg.model.path)
         loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(S, B).mean(1)
         opt.zero_grad()
@@ -126,7 +130,7 @@ def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
                               cfg.model.path)
     results = []
     for i in range(S):
-        weights = {name: p[i].detach().clone() for name, p in model.named_parameters()}
+        weights = {name: p[i].detach().cpu().clone() for name, p in model.named_parameters()}
         metrics = {"accuracy": float(acc[i]), "eval_loss": float(eval_loss[i]),
                    "train_loss": float(recent[i]), "n_eval": cfg.eval.n_eval, "steps": cfg.optim.steps}
         status = "ok" if bool(ok[i]) else "diverged"

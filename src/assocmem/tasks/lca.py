@@ -125,8 +125,8 @@ def alias_table(q: Tensor) -> tuple[Tensor, Tensor]:
 
 def counts(x: Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Token counts over the last dim: x [..., L] long -> [..., vocab_size] (scatter_add, no one-hot)."""
-    out = torch.zeros(*x.shape[:-1], vocab_size, dtype=dtype)
-    return out.scatter_add_(-1, x, torch.ones(x.shape, dtype=dtype))
+    out = torch.zeros(*x.shape[:-1], vocab_size, dtype=dtype, device=x.device)
+    return out.scatter_add_(-1, x, torch.ones(x.shape, dtype=dtype, device=x.device))
 
 
 def mix(x_a: Tensor, x_b: Tensor, r: float, generator: torch.Generator) -> Tensor:
