@@ -96,6 +96,10 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import write_index
 
+    from .sweep import make_backend, override_backend
+
+    if args.backend != "local":
+        override_backend(make_backend(args.backend, address=args.address))
     names = list(REPRODUCTIONS) if args.paper == "all" else [args.paper]
     out = Path(args.out)
     entries = []
@@ -150,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="reproduction")
     rp.add_argument("--jobs", type=int, default=1)
     rp.add_argument("--force", action="store_true", help="retrain even finished runs")
+    rp.add_argument("--backend", default="local", help="execution backend for training runs: local or ray")
+    rp.add_argument("--address", help="ray: cluster address (default: RAY_ADDRESS or a local instance)")
     rp.set_defaults(fn=_cmd_reproduce)
 
     for module in EXTENSIONS.values():

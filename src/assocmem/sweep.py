@@ -157,6 +157,16 @@ def make_backend(name: str = "local", **kwargs: Any) -> Backend:
     return cls(**kwargs)
 
 
+_OVERRIDE: Backend | None = None
+
+
+def override_backend(backend: Backend | None) -> None:
+    """Route every later :func:`run_configs` call through ``backend`` (``assocmem reproduce
+    --backend ray`` uses this so experiment modules need not know where runs execute)."""
+    global _OVERRIDE
+    _OVERRIDE = backend
+
+
 @dataclasses.dataclass
 class SweepReport:
     run_ids: list[str]
@@ -171,7 +181,7 @@ def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, back
                 desc: str | None = None) -> SweepReport:
     """Run every config not yet finished in ``store`` (all of them with ``force``)."""
     t0 = time.perf_counter()
-    backend = backend or LocalBackend(1)
+    backend = _OVERRIDE or backend or LocalBackend(1)
     store.cleanup()
     ids = [config_hash(task.name, c) for c in configs]
     todo = [c for c, rid in zip(configs, ids) if force or not store.is_finished(rid)]

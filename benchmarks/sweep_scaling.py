@@ -1,0 +1,62 @@
+"""Sweep throughput: runs/s for a 64-run LCA grid (m in {5, 6} x L in {32, 64} x 16 seeds, d = 32).
+
+Configurations: local backend with 1 and 2 worker processes, seed stacking off and on, and a local
+Ray instance (2 CPUs) with stacking on. Each configuration writes a fresh store in a temp folder.
+
+Usage: python benchmarks/sweep_scaling.py [--steps 200] [--skip-ray] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+from assocmem.store import RunStore
+from assocmem.sweep import LocalBackend, expand_grid, make_backend, run_configs
+
+
+def grid(steps: int) -> dict:
+    return {"task": "lca",
+            "base": {"model.d_model": 32, "optim.steps": steps, "eval.n_eval": 1024},
+            "grid": {"task.m": [5, 6], "task.L": [32, 64], "seed": list(range(16))}}
+
+
+def measure(name: str, backend, stack: bool, steps: int) -> dict:
+    task, configs = expand_grid(grid(steps))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        rep = run_configs(task, configs, RunStore(tmp), backend=backend, stack=stack, progress=False)
+        wall = time.perf_counter() - t0
+    assert rep.failed == 0 and rep.ran == len(configs)
+    return {"config": name, "runs": len(configs), "wall_s": wall, "runs_per_s": len(configs) / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rows = [
+        measure("local, 1 process, unstacked", LocalBackend(1), False, args.steps),
+        measure("local, 1 process, stacked", LocalBackend(1), True, args.steps),
+        measure("local, 2 processes, unstacked", LocalBackend(2), False, args.steps),
+        measure("local, 2 processes, stacked", LocalBackend(2), True, args.steps),
+    ]
+    if not args.skip_ray:
+        import ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        rows.append(measure("ray (local, 2 CPUs), stacked", make_backend("ray"), True, args.steps))
+        rows.append(measure("ray (local, 2 CPUs), unstacked", make_backend("ray"), False, args.steps))
+        ray.shutdown()
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{'configuration':34} {'runs':>5} {'wall s':>8} {'runs/s':>8}")
+    for r in rows:
+        print(f"{r['config']:34} {r['runs']:5d} {r['wall_s']:8.2f} {r['runs_per_s']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
