@@ -81,9 +81,12 @@ def model_from_weights(cfg: LCAConfig, weights: Sequence[dict[str, torch.Tensor]
 def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator],
                  device: torch.device | str = "cpu"):
     """One batch per instance from its own generator: x [S, B, L], t [S, B] (drawn on the CPU)."""
-    ts, us = zip(*(task.draw(batch, g) for g in generators))
-    t = torch.stack(ts)
-    return task.decode(t, torch.stack(us)).to(device), t.to(device)
+    S = len(generators)
+    t = torch.empty(S, batch, dtype=torch.long)
+    u = torch.empty(S, batch, task.L, dtype=torch.float64)
+    for i, g in enumerate(generators):
+        task.draw(batch, g, out=(t[i], u[i]))
+    return task.decode(t, u).to(device), t.to(device)
 
 
 @torch.no_grad()

@@ -70,14 +70,20 @@ class LCATask:
         last = torch.cat([q, torch.zeros(V, dtype=torch.float64)])
         tables = [alias_table(ctx), alias_table(last)]
         self.alias_prob = torch.cat([tables[0][0], tables[1][0]])           # [4V] float64
-        self.alias = torch.cat([tables[0][1], tables[1][1]])                # [4V] long, values < 2V
+        # alias outcomes carry their table's offset (0 or 2V, multiples of V), so j mod V is the flip
+        # pattern and bit V of j marks noise for both tables
+        self.alias = torch.cat([tables[0][1], tables[1][1] + 2 * V])        # [4V] long
         self.offset = torch.zeros(L, dtype=torch.long)
         self.offset[-1] = 2 * V
 
-    def draw(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """All randomness of ``batch`` sequences: targets t [batch] and uniforms u [batch, L] (float64)."""
-        t = torch.randint(self.V, (batch,), generator=generator)
-        u = torch.rand(batch, self.L, generator=generator, dtype=torch.float64)
+    def draw(self, batch: int, generator: torch.Generator,
+             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """All randomness of ``batch`` sequences: targets t [batch] and uniforms u [batch, L]
+        (float64), optionally written into preallocated ``out`` tensors."""
+        t, u = out if out is not None else (torch.empty(batch, dtype=torch.long),
+                                            torch.empty(batch, self.L, dtype=torch.float64))
+        torch.randint(self.V, (batch,), generator=generator, out=t)
+        torch.rand(batch, self.L, generator=generator, dtype=torch.float64, out=u)
         return t, u
 
     def decode(self, t: Tensor, u: Tensor, return_noise: bool = False):
@@ -92,11 +98,13 @@ class LCATask:
         V = self.V
         w = u * (2 * V)
         k = w.long()
-        idx = (k + self.offset).view(-1)
-        keep = (w - k) < self.alias_prob.index_select(0, idx).view(k.shape)
+        frac = w.sub_(k)
+        idx = k.add_(self.offset).view(-1)                                  # column, table offset included
+        keep = frac < self.alias_prob.index_select(0, idx).view(frac.shape)
         j = torch.where(keep, k, self.alias.index_select(0, idx).view(k.shape))
-        x = t[..., None] ^ (j & (V - 1))
-        return (x, j[..., :-1] >= V) if return_noise else x
+        noise = (j[..., :-1] & V) != 0 if return_noise else None
+        x = j.bitwise_and_(V - 1).bitwise_xor_(t[..., None])
+        return (x, noise) if return_noise else x
 
     def sample(self, batch: int, generator: torch.Generator, return_noise: bool = False):
         """Draw ``batch`` sequences: x [batch, L] long, t [batch] long (and the noise mask)."""
