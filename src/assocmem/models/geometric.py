@@ -97,8 +97,10 @@ class StackedTransformer(nn.Module):
         if tokens.dim() == 2:
             tokens = tokens.expand(self.S, *tokens.shape)
         S, B, T = tokens.shape
-        idx = torch.arange(S, device=tokens.device)[:, None, None]
-        return self.W_E[idx, tokens] + self.W_pos[:, None, :T]
+        # one flat table [S*V, d]: F.embedding's backward is much faster than advanced indexing
+        flat = tokens + self.V * torch.arange(S, device=tokens.device)[:, None, None]
+        x = nn.functional.embedding(flat, self.W_E.reshape(S * self.V, self.d))
+        return x + self.W_pos[:, None, :T]
 
     def attend(self, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Attention output at positions start..stop-1 (causal): ([S, B, P, d], pattern [S, B, H, P, stop])."""

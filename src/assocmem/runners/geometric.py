@@ -90,6 +90,9 @@ class OptimCfg:
                       help="acc: stop at 100% accuracy; loss: stop once loss < stop_loss; none: run max_steps")
     stop_loss: float = param(1e-3, lo=0.0, hi=10.0)
     log_every: int = param(50, lo=1, hi=100000)
+    check_every: int = param(5, lo=1, hi=10000, help="steps between checks of the stopping rule")
+    patience: int = param(0, lo=0, hi=1_000_000,
+                          help="stop an instance whose best accuracy has not improved for this many steps (0 = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,17 +147,20 @@ def adamw_step(params: dict[str, Tensor], state: dict[str, dict[str, Tensor]], s
         p.copy_(torch.where(a, new, p))
 
 
-def per_instance_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def per_instance_loss(logits: Tensor, targets: Tensor, with_acc: bool = True) -> tuple[Tensor, Tensor | None]:
     """Mean cross-entropy and accuracy per instance over positions with a target.
 
-    logits [S, B, P, n_out], targets [S, B, P] (IGNORE = -1) -> ([S], [S]).
+    logits [S, B, P, n_out], targets [S, B, P] (IGNORE = -1) -> ([S], [S] or None).
     """
     S, n_out = logits.shape[0], logits.shape[-1]
     ce = F.cross_entropy(logits.reshape(-1, n_out), targets.reshape(-1).clamp_min(0), reduction="none")
     mask = (targets >= 0).reshape(S, -1).float()
     ce = ce.reshape(S, -1)
     cnt = mask.sum(1)
-    correct = (logits.argmax(-1) == targets).reshape(S, -1).float() * mask
+    if not with_acc:
+        return (ce * mask).sum(1) / cnt, None
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).reshape(S, -1).float() * mask
     return (ce * mask).sum(1) / cnt, correct.sum(1) / cnt
 
 
@@ -178,26 +184,35 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     curve_step: list[int] = []
     curve_loss: list[list[float]] = []
     curve_acc: list[list[float]] = []
+    best = [-1.0] * S
+    best_step = [0] * S
     for step in range(o.max_steps + 1):
         logits = model(tokens, out_pos)
-        loss, acc = per_instance_loss(logits, tg)
-        lv, av = loss.detach().tolist(), acc.tolist()
-        if step % o.log_every == 0 or step == o.max_steps:
+        check = step % o.check_every == 0 or step == o.max_steps
+        log = step % o.log_every == 0 or step == o.max_steps
+        loss, acc = per_instance_loss(logits, tg, with_acc=check or log)
+        if check or log:
+            lv, av = loss.detach().tolist(), acc.tolist()
+        if log:
             curve_step.append(step)
             curve_loss.append(lv)
             curve_acc.append(av)
-        for i in range(S):
-            if not active[i]:
-                continue
-            final_loss[i], final_acc[i] = lv[i], av[i]
-            done = (o.stop == "acc" and av[i] >= 1.0) or (o.stop == "loss" and lv[i] < o.stop_loss)
-            if not math.isfinite(lv[i]):
-                diverged[i], done = True, True
-            if done or step == o.max_steps:
-                steps[i] = step
-                active[i] = False
-        if not active.any():
-            break
+        if check:
+            for i in range(S):
+                if not active[i]:
+                    continue
+                final_loss[i], final_acc[i] = lv[i], av[i]
+                if av[i] > best[i]:
+                    best[i], best_step[i] = av[i], step
+                done = (o.stop == "acc" and av[i] >= 1.0) or (o.stop == "loss" and lv[i] < o.stop_loss)
+                done = done or (o.patience > 0 and step - best_step[i] >= o.patience)
+                if not math.isfinite(lv[i]):
+                    diverged[i], done = True, True
+                if done or step == o.max_steps:
+                    steps[i] = step
+                    active[i] = False
+            if not active.any():
+                break
         for p in params.values():
             p.grad = None
         (loss * active.float()).nan_to_num(0.0).sum().backward()
