@@ -61,7 +61,7 @@ def build_requests(records: Sequence[Record], scheme: Scheme, ks: Sequence[int],
 
 def score_records(model, tokenizer, records: Sequence[Record], scheme: Scheme, ks: Sequence[int], countries,
                   sep: str = " ", paraphrase: bool = False, method: str = "fast", progress: bool = True,
-                  token_budget: int = 6144) -> tuple[pd.DataFrame, Skipped]:
+                  token_budget: int = 1024) -> tuple[pd.DataFrame, Skipped]:
     reqs, keys, skipped = build_requests(records, scheme, ks, countries, sep, paraphrase)
     if method == "fast":
         scored = FastScorer(model, tokenizer, token_budget=token_budget).score(reqs, progress=progress)

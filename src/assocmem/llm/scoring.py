@@ -209,8 +209,8 @@ class FastScorer:
     """Batched trie scorer. Tries are packed into rows as wide as the largest one (``pack``), rows of
     similar width are batched, ``token_budget`` bounds (rows x padded width) per forward pass."""
 
-    def __init__(self, model, tokenizer, token_budget: int = 6144, max_rows: int = 64, pack: bool = True,
-                 min_width: int = 128):
+    def __init__(self, model, tokenizer, token_budget: int = 1024, max_rows: int = 64, pack: bool = True,
+                 min_width: int = 256):
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.max_rows = token_budget, max_rows
         self.pack, self.min_width = pack, min_width
