@@ -120,3 +120,25 @@ def test_sequence_longer_than_sliding_window_is_refused():
     model.config.sliding_window = 8
     with pytest.raises(ConfigError, match="sliding window"):
         fast_score(model, tok, [Request("Do not think of English. " * 3 + "The mother tongue is", ("French",))])
+
+
+def test_verification_catches_a_model_that_ignores_the_tree_mask():
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    reqs = hijack_requests(3)
+    broken = FastScorer(model, tok)
+    broken._forward_ok = broken._forward
+
+    def ignore_mask(batch, out):            # simulate an attention backend that drops custom masks
+        real = model.forward
+
+        def fwd(*a, attention_mask=None, **kw):
+            return real(*a, attention_mask=None, **kw)
+        model.forward = fwd
+        try:
+            broken._forward_ok(batch, out)
+        finally:
+            del model.forward
+    broken._forward = ignore_mask
+    with pytest.raises(RuntimeError, match="disagrees with the plain loop"):
+        broken.score(reqs)
+    assert FastScorer(model, tok).score(reqs) and model._assocmem_fast_verified

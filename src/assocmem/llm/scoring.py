@@ -207,11 +207,13 @@ def _window(model) -> int | None:
 
 class FastScorer:
     """Batched trie scorer. Tries are packed into rows as wide as the largest one (``pack``), rows of
-    similar width are batched, ``token_budget`` bounds (rows x padded width) per forward pass."""
+    similar width are batched, ``token_budget`` bounds (rows x padded width) per forward pass.
+    ``verify``: the first time a model is used, its longest request is re-scored by the plain loop.
+    """
 
     def __init__(self, model, tokenizer, token_budget: int = 1024, max_rows: int = 64, pack: bool = True,
-                 min_width: int = 256):
-        self.model, self.tokenizer = model, tokenizer
+                 min_width: int = 256, verify: bool = True):
+        self.model, self.tokenizer, self.verify = model, tokenizer, verify
         self.token_budget, self.max_rows = token_budget, max_rows
         self.pack, self.min_width = pack, min_width
         self.device = next(model.parameters()).device
@@ -278,7 +280,7 @@ class FastScorer:
             rows = _pack(rows, max(self.min_width, max(len(r.trie) for r in rows)))
         win = _window(self.model)
         deepest = max((max(r.trie.depth) + 1 for r in rows if len(r.trie)), default=0)
-        if win is not None and deepest > win:
+        if win is not None and deepest >= win:
             raise ConfigError(f"sequence length: {deepest} tokens exceeds the model's sliding window "
                               f"{win} (allowed: shorter prompts or fewer prepends)")
         out: list[list[Scored | None]] = [[None] * len(r.targets) for r in requests]
@@ -286,7 +288,19 @@ class FastScorer:
             for batch in self._batches(rows):
                 self._forward(batch, out)
                 bar.update(len(batch))
+        if self.verify and requests and not getattr(self.model, "_assocmem_fast_verified", False):
+            self._verify(requests, out)
         return out  # type: ignore[return-value]
+
+    def _verify(self, requests: Sequence[Request], out: list[list[Scored]]) -> None:
+        """Once per model: the longest request must match the plain loop (guards against models whose
+        attention ignores a custom 4-D mask or position ids)."""
+        i = max(range(len(requests)), key=lambda j: len(requests[j].context))
+        diff = max_abs_diff(plain_score(self.model, self.tokenizer, [requests[i]]), [out[i]])
+        if not diff < 1e-3:
+            raise RuntimeError(f"fast scorer disagrees with the plain loop on this model (max |log-prob "
+                               f"difference| {diff:.2e}); use method='plain'")
+        self.model._assocmem_fast_verified = True
 
 
 def fast_score(model, tokenizer, requests: Sequence[Request], progress: bool = False, **kw) -> list[list[Scored]]:
