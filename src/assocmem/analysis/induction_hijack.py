@@ -88,7 +88,7 @@ def make_families(pi_b: Tensor, pi_u: Tensor, q: int, L: int, g: torch.Generator
     for o in outs:
         for n in counts:
             for _ in range(per_cell):
-                rows.append((build_prompt(pi_b, pi_u, q, [o] * n, L, g, gap), o, -1, f"n={n}",
+                rows.append((build_prompt(pi_b, pi_u, q, [o] * n, L, g, gap, gap), o, -1, f"n={n}",
                              float(torch.log(pi_b[q, o]))))
     pack("single", rows)
     rows = []
@@ -97,17 +97,17 @@ def make_families(pi_b: Tensor, pi_u: Tensor, q: int, L: int, g: torch.Generator
             o1, o2 = _two_distinct(N, (q, b), g)
             seq = [o1] * n1 + [o2] * n2
             perm = torch.randperm(len(seq), generator=g).tolist()
-            rows.append((build_prompt(pi_b, pi_u, q, [seq[i] for i in perm], L, g, gap), o1, o2,
+            rows.append((build_prompt(pi_b, pi_u, q, [seq[i] for i in perm], L, g, gap, gap), o1, o2,
                          f"({n1},{n2})", n1 / max(n1 + n2, 1)))
     pack("conflict", rows)
-    rows = [(build_prompt(pi_b, pi_u, q, [], L, g, gap), -1, -1, "unseen", 0.0) for _ in range(per_cell * 2)]
+    rows = [(build_prompt(pi_b, pi_u, q, [], L, g, gap, gap), -1, -1, "unseen", 0.0) for _ in range(per_cell * 2)]
     pack("unseen", rows)
     if distance_L and starts:
         rows = []
         for s in starts:
             for _ in range(per_cell):
                 o = _two_distinct(N, (q, b), g)[0]
-                z = build_prompt(pi_b, pi_u, q, [o, o], distance_L, g, gap, start=s)
+                z = build_prompt(pi_b, pi_u, q, [o, o], distance_L, g, gap, gap, start=s)
                 rows.append((z, o, -1, f"start={s}", float(distance_L - s)))
         pack("distance", rows)
     return fams

@@ -1,0 +1,429 @@
+"""Reproduction: Birth of a Transformer (Bietti et al. 2023) + knowledge hijack (Wang & Sato 2024).
+
+``reproduce(out_dir, scale, jobs, force)`` runs every training through ``sweep.run_configs`` into
+``RunStore(out_dir)``, computes the construction checks directly, draws the figures into
+``out_dir/figures/`` and writes ``report.md``/``report.html``.
+
+Scales (CPU budgets; the spec's batch 512 is ~16x too slow on 2 cores, so both use batch 32):
+  quick  d = 128, T = 128, 300 steps (fig. 3/4, WS models), T_test = 256/512; prompts/constructions small
+  paper  d = 256, T = 256, 1000 steps for fig. 3 and the WS models; fig. 4 grid at d = T = 128;
+         T_test = 512/1024
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import plots, report
+from ..config import replace, to_dict
+from ..registry import get_task
+from ..store import RunStore
+from ..sweep import LocalBackend, run_configs
+from ..analysis.induction import delayed_batch, evaluate
+from ..analysis.induction_hijack import last_logits, make_families, outcome_table
+from ..runners.induction import load_model
+from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats
+from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
+from . import induction_plots as ip
+
+TABLE_C2 = {(1, False): (0.066, 0.062), (1, True): (0.152, 0.148), (3, False): (0.159, 0.148),
+            (3, True): (0.237, 0.225), (5, False): (0.240, 0.222), (5, True): (0.325, 0.307),
+            (10, False): (0.389, 0.357), (10, True): (0.382, 0.347)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    d: int
+    T: int
+    steps: int
+    batch: int
+    eval_batch: int
+    T_test: tuple[int, ...]
+    long_batch: int
+    d4: int                 # fig. 4 grid width / length
+    T4: int
+    steps4: int
+    data_seqs: int          # sequences for the data checks
+    constr_seqs: int        # sequences for the construction checks at T = 256
+    delay_seqs: int
+    per_cell: int           # hijack prompts per cell
+    seeds: tuple[int, ...] = (0,)
+    generic_steps: int = 300
+    gap: int = 20           # filler tokens between inserted (q, o) pairs
+
+
+SCALES = {
+    "smoke": Scale(d=32, T=32, steps=20, batch=8, eval_batch=8, T_test=(64,), long_batch=4,
+                   d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
+                   generic_steps=10, gap=2),   # pipeline test only
+    "quick": Scale(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
+                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=16, per_cell=5,
+                   generic_steps=200),
+    "paper": Scale(d=256, T=256, steps=1000, batch=32, eval_batch=128, T_test=(512, 1024), long_batch=32,
+                   d4=128, T4=128, steps4=1000, data_seqs=512, constr_seqs=256, delay_seqs=48, per_cell=10,
+                   generic_steps=600),
+}
+
+
+def _base(sc: Scale, data_path: str) -> dict:
+    return {"task": {"data_path": data_path, "T": sc.T, "K": 5, "fixed_triggers": True},
+            "model": {"d_model": sc.d, "n_ctx": max(sc.T_test + (sc.T,))},
+            "optim": {"batch": sc.batch, "steps": sc.steps, "log_every": 5},
+            "eval": {"batch": sc.eval_batch, "every": 25, "long_batch": sc.long_batch}}
+
+
+def _cfg(spec, base: dict, **flat):
+    return replace(spec.make_config(base), **flat) if flat else spec.make_config(base)
+
+
+def _load(store: RunStore, spec, cfg):
+    from ..config import config_hash
+    rid = config_hash(spec.name, cfg)
+    rec = store.load(rid)
+    return rid, rec
+
+
+# ---------------------------------------------------------------------------------------------
+def _data_family(st, sc: Scale) -> report.Family:
+    checks = [report.compare("C-1 vocabulary size N", float(st.N), 65, 0),
+              report.compare("C-1 characters", float(st.n_chars), 1_115_394, 0),
+              report.compare("C-1 pairs", float(st.bigram_counts.sum()), 1_115_393, 0),
+              report.compare("C-1 pi_u(space)", float(st.pi_u[1]), 0.1523, 5e-5),
+              report.trend("C-1 top-5 unigrams = space e t o a", [st.chars[i] for i in st.top_tokens(5)] == list(" etoa"),
+                           "".join(st.chars[i] for i in st.top_tokens(5)).replace(" ", "␣")),
+              report.trend("C-1 fixed K=5 trigger ids {1,43,58,53,39}", st.top_tokens(5).tolist() == [1, 43, 58, 53, 39],
+                           str(st.top_tokens(5).tolist())),
+              report.compare("C-1 pi_u-weighted entropy of pi_b (nats)", st.bigram_entropy(), 2.4526, 1e-4)]
+    for (K, fixed), (r1, r2) in TABLE_C2.items():
+        ds = TriggerBigram(st, 256, K, fixed)
+        b = ds.sample(sc.data_seqs * 4, torch.Generator().manual_seed(1000 + K))
+        s2 = float((b.outs >= 2).float().mean())
+        checks.append(report.compare(f"C-2 share outs>=2, K={K} {'fixed' if fixed else 'random'}", s2, r2, 0.01,
+                                     note=f"{sc.data_seqs * 4} seqs; spec = one 512-seq draw (sd up to 0.012)"))
+    ds = TriggerBigram(st, 256, 3, False)
+    b = ds.sample(sc.data_seqs, torch.Generator().manual_seed(7))
+    m = b.outs == 0
+    ce = float(-torch.log(st.pi_b[b.x[m], b.y[m]]).mean())
+    checks.append(report.compare("C-3 true-bigram CE at outs=0 (K=3 random)", ce, 2.319, 0.03))
+    return report.Family("Data: bigram with triggers (tiny Shakespeare)", checks=checks,
+                         text="Statistics computed from the text; generator shares over fresh sequences.")
+
+
+def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, pd.DataFrame]:
+    ds = TriggerBigram(st, 256, 3, True)
+    b = ds.sample(sc.constr_seqs, torch.Generator().manual_seed(5))
+    checks, delay_rows = [], []
+    res = {}
+    for pos, lab in (("ape", "APE"), ("rel_bias", "RPE")):
+        m = build_amt(st.pi_b, pos=pos, key_tokens=ds.fixed)
+        r = evaluate(m, b.x[None], b.y[None], b.outs[None])
+        res[pos] = r
+        checks.append(report.compare(f"C-6 construction acc_end T=256 ({lab})", float(r["acc_end"]), 0.997, 0.01))
+        checks.append(report.compare(f"C-6 layer-1 previous-token acc ({lab})", float(r["prev_tok_all"]),
+                                     0.999 if pos == "ape" else 1.0, 0.01))
+        for L0 in (0, 256, 768):
+            if L0 + 256 > 1024:
+                continue
+            bd = delayed_batch(ds, sc.delay_seqs, L0, torch.Generator().manual_seed(60 + L0))
+            rd = evaluate(m, bd.x[None], bd.y[None], bd.outs[None], chunk=max(1, 32 * 256 // (256 + L0)))
+            delay_rows.append({"model": f"construction {lab}", "L0": L0, "acc_end": float(rd["acc_end"]),
+                               "prev_all": float(rd["prev_tok_all"])})
+    m0 = build_amt(st.pi_b, pos="rel_bias", key_tokens=ds.fixed, lam=0.0)
+    r0 = evaluate(m0, b.x[None], b.y[None], b.outs[None])
+    checks.append(report.compare("C-6 lambda=0: acc_end (global only)", float(r0["acc_end"]), 0.022, 0.02))
+    checks.append(report.compare("C-6 lambda=0: bigram CE", float(r0["loss_bigram"]), 2.50, 0.1,
+                                 note="ours = CE of softmax(log(pi_b+1e-3)) at outs=0"))
+    checks.append(report.compare("C-6 lambda=20: bigram CE (diffuse layer 2)", float(res["ape"]["loss_bigram"]),
+                                 5.9, 0.5, note="APE; RPE: %.2f" % float(res["rel_bias"]["loss_bigram"])))
+    ref = {("APE", 0): 0.997, ("RPE", 0): 0.997, ("APE", 256): 0.066, ("RPE", 256): 1.0,
+           ("APE", 768): 0.017, ("RPE", 768): 1.0}
+    for row in delay_rows:
+        lab = row["model"].split()[-1]
+        checks.append(report.compare(f"C-7 delayed L0={row['L0']} acc_end ({lab})", row["acc_end"],
+                                     ref[lab, row["L0"]], 0.02))
+        if lab == "APE" and row["L0"] > 0:
+            checks.append(report.compare(f"C-7 APE previous-token acc, L0={row['L0']}", row["prev_all"],
+                                         256 / (256 + row["L0"]), 0.02))
+    return report.Family("Calibrated construction: in-context accuracy and APE vs RPE (C-6, C-7)", checks=checks,
+                         text="Spec's calibrated AM construction (d=256, random N(0,1/d) value maps, "
+                              "beta=30, lambda=20, mu=1, fixed triggers {space,e,t})."), pd.DataFrame(delay_rows)
+
+
+def _hijack_rows(model, fams, ell, lam, mu, pi_b, name, empty):
+    rows = []
+    for f in fams.values():
+        lg = last_logits(model, f.z)
+        df = outcome_table(f, lg, ell, lam, mu, pi_b, empty=empty)
+        df["model"] = name
+        if f.name == "distance":
+            df["start"] = [int(c.split("=")[1]) for c in f.label]
+        rows.append(df)
+    return pd.concat(rows, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: bool = False,
+              data_path: str = DEFAULT_DATA_PATH) -> report.Section:
+    t_start = time.perf_counter()
+    sc = SCALES[scale]
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    store = RunStore(out)
+    spec = get_task("induction")
+    st = load_stats(data_path)
+    backend = LocalBackend(jobs)
+    ell = centred_log_bigram(st.pi_b)
+    families: list[report.Family] = []
+    timings = {}
+
+    # ---- data and construction (no training) ------------------------------------------------
+    t0 = time.perf_counter()
+    families.append(_data_family(st, sc))
+    fam_c, delay_df = _construction_family(st, sc, fig_dir)
+    families.append(fam_c)
+    timings["data+construction"] = time.perf_counter() - t0
+
+    # ---- training runs ------------------------------------------------------------------------
+    base = _base(sc, data_path)
+    main = _cfg(spec, base)
+    freeze = [_cfg(spec, base, **{"optim.freeze_until": [f"{n}:{int(0.3 * sc.steps)}"]})
+              for n in ("W_O2", "W_K2", "W_K1")]
+    b4 = {**base, "task": {**base["task"], "T": sc.T4}, "model": {"d_model": sc.d4, "n_ctx": sc.T4, "ffn": "linear"},
+          "optim": {**base["optim"], "steps": sc.steps4, "loss": "all"}}
+    data_cfgs = {}
+    for K in (1, 3, 5, 10):
+        data_cfgs[f"K={K} random"] = _cfg(spec, b4, **{"task.K": K, "task.fixed_triggers": False})
+    data_cfgs["K=5 fixed"] = _cfg(spec, b4, **{"task.fixed_triggers": True})
+    data_cfgs["K=5 bigram outputs"] = _cfg(spec, b4, **{"task.fixed_triggers": False, "task.outputs": "bigram"})
+    data_cfgs["K=5 fixed, OOD outputs"] = _cfg(spec, b4, **{"task.fixed_triggers": True, "task.outputs": "ood"})
+    data_cfgs["K=5 random, OOD outputs"] = _cfg(spec, b4, **{"task.fixed_triggers": False, "task.outputs": "ood"})
+    ws = {pos: _cfg(spec, base, **{"task.fixed_triggers": False, "model.pos": pos, "model.ffn": "linear",
+                                  "optim.loss": "all", "eval.T_test": list(sc.T_test)})
+          for pos in ("ape", "rel_bias")}
+    gen_base = {**base, "model": {"kind": "generic", "d_model": 128, "n_ctx": sc.T, "n_heads": 1},
+                "optim": {**base["optim"], "name": "adamw", "lr": 0.01, "weight_decay": 0.01, "loss": "all",
+                          "steps": sc.generic_steps}}
+    generic = {"fixed": _cfg(spec, gen_base, **{"task.K": 2, "task.fixed_triggers": True}),
+               "random": _cfg(spec, gen_base, **{"task.K": 3, "task.fixed_triggers": False})}
+    all_cfgs = [main, *freeze, *data_cfgs.values(), *ws.values(), *generic.values()]
+    all_cfgs = [replace(c, seed=s) for c in all_cfgs for s in sc.seeds]
+    t0 = time.perf_counter()
+    rep = run_configs(spec, all_cfgs, store, backend=backend, force=force, desc=f"induction[{scale}]")
+    timings["training"] = time.perf_counter() - t0
+
+    def rec(cfg):
+        return _load(store, spec, cfg)[1]
+
+    # ---- Birth fig. 3: probes ---------------------------------------------------------------------
+    r = rec(main)["metrics"]
+    cur, ev = r["curves"], r["eval_curves"]
+    rows = [{"step": s, "metric": k, "value": v} for k in ("wo1", "wk1", "wk0", "wk0_64")
+            for s, v in zip(cur["step"], cur[k])]
+    rows += [{"step": s, "metric": "acc_end (test)", "value": v} for s, v in zip(ev["step"], ev["acc_end_test"])]
+    rows += [{"step": sc.steps, "metric": "acc_end (test)", "value": r["acc_end"]}]
+    var_rows = []
+    for name, c in [("none", main)] + [(f"{n} frozen until {int(0.3 * sc.steps)}", c) for n, c in
+                                       zip(("W_O2", "W_K2", "W_K1"), freeze)]:
+        m = rec(c)["metrics"]
+        var_rows += [{"step": s, "variant": name, "acc_end": v} for s, v in
+                     zip(m["eval_curves"]["step"] + [sc.steps], m["eval_curves"]["acc_end_test"] + [m["acc_end"]])]
+    plots.save(ip.probe_curves(pd.DataFrame(rows), pd.DataFrame(var_rows)), fig_dir, "birth_fig3_probes")
+    first_acc = ev["acc_end_test"][0] if ev["acc_end_test"] else float("nan")
+    t_wo1, t_wk1, t_wk0, t_wk064 = (r.get(f"t50_{k}") for k in ("wo1", "wk1", "wk0", "wk0_64"))
+    order_ok = all(v is not None for v in (t_wo1, t_wk1, t_wk0)) and t_wo1 <= t_wk1 <= t_wk0
+    checks = [report.compare(f"C-10 acc_end after training (README config, batch {sc.batch})", r["acc_end"], 1.0, 0.1,
+                             note=f"{sc.steps} steps, d={sc.d}, T={sc.T}; threshold 0.9"),
+              report.trend("C-10 probes reach 0.5 top-down: wo1 <= wk1 <= wk0", order_ok,
+                           f"steps {t_wo1}, {t_wk1}, {t_wk0}"),
+              report.trend("C-10 wk0_64 before wk0", t_wk064 is not None and (t_wk0 is None or t_wk064 <= t_wk0),
+                           f"steps {t_wk064}, {t_wk0}"),
+              report.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
+    for n, c in zip(("W_O2", "W_K2", "W_K1"), freeze):
+        checks.append(report.Check(f"acc_end with {n} frozen until step {int(0.3 * sc.steps)}",
+                                   rec(c)["metrics"]["acc_end"], "trend only"))
+    families.append(report.Family("Birth Fig. 3: memory-recall probes and freeze schedules",
+                                  ["figures/birth_fig3_probes.png"], checks,
+                                  "Simplified model, README config (K=5 fixed triggers, in-context loss, SGD lr 0.03, "
+                                  f"momentum 0.9, wd 1e-4) at batch {sc.batch}, d={sc.d}, T={sc.T}."))
+
+    # ---- Birth fig. 4: data effects -------------------------------------------------------------
+    rows, summary = [], {}
+    for name, c in data_cfgs.items():
+        m = rec(c)["metrics"]
+        cu, ec = m["curves"], m["eval_curves"]
+        for k in ("loss_bigram", "loss_head", "acc_end", "ff1"):
+            rows += [{"step": s, "variant": name, "metric": k, "value": v} for s, v in zip(cu["step"], cu[k])]
+        rows += [{"step": s, "variant": name, "metric": "acc_end_test", "value": v}
+                 for s, v in zip(ec["step"] + [sc.steps4], ec["acc_end_test"] + [m["acc_end"]])]
+        summary[name] = m
+        summary[name]["_t_acc"] = m.get("t50_acc_end")
+    plots.save(ip.data_curves(pd.DataFrame(rows)), fig_dir, "birth_fig4_data")
+
+    def tacc(n):
+        v = summary[n].get("t50_acc_end")
+        return float("inf") if v is None or (isinstance(v, float) and math.isnan(v)) else v
+    k_times = [tacc(f"K={K} random") for K in (1, 3, 5, 10)]
+    checks = [report.Check(f"final acc_end, {n}", m["acc_end"], "trend only",
+                           note=f"loss_bigram {m['loss_bigram']:.2f}") for n, m in summary.items()]
+    checks.append(report.trend("C-12b more triggers -> induction head forms earlier (t50 of acc_end, K=1,3,5,10)",
+                               k_times[-1] <= k_times[0], str(k_times)))
+    checks.append(report.trend("C-12b bigram outputs slow the head (vs uniform, K=5 random)",
+                               tacc("K=5 bigram outputs") >= tacc("K=5 random"),
+                               f"{tacc('K=5 bigram outputs')} vs {tacc('K=5 random')}"))
+    ood_r = summary["K=5 random, OOD outputs"]["acc_end"]
+    ood_f = summary["K=5 fixed, OOD outputs"]["acc_end"]
+    checks.append(report.trend("C-12b random triggers generalise to held-out outputs better than fixed",
+                               ood_r >= ood_f, f"{ood_r:.3f} vs {ood_f:.3f}"))
+    lb = summary["K=5 random"]["curves"]["loss_bigram"]
+    checks.append(report.trend("C-11 loss_bigram reaches 2.3-2.6 (K=5 random, W_F, full loss)",
+                               min(lb) <= 2.6, round(min(lb), 3)))
+    families.append(report.Family("Birth Fig. 4: data effects (linear W_F, loss on all positions)",
+                                  ["figures/birth_fig4_data.png"], checks,
+                                  f"d={sc.d4}, T={sc.T4}, {sc.steps4} steps, batch {sc.batch}; OOD: train outputs "
+                                  "ids < 48, test outputs ids >= 48 (acc_end is on the held-out outputs)."))
+
+    # ---- Birth fig. 2: attention maps of the generic model ----------------------------------------
+    maps, checks = [], []
+    for name, c in generic.items():
+        rid, rc = _load(store, spec, c)
+        model = load_model(c, store.load_weights(rid))
+        ds = TriggerBigram(st, c.task.T, c.task.K, c.task.fixed_triggers)
+        bb = ds.sample(1, torch.Generator().manual_seed(99))
+        with torch.no_grad():
+            _, hk = model(bb.x[None], return_hooks=True)
+        outs = bb.outs[0]
+        ic = torch.nonzero(outs >= 2)[:, 0]
+        end = int(ic[min(len(ic) - 1, 2)]) + 1 if len(ic) else 30
+        lo = max(0, end - 30)
+        sl = slice(lo, end)
+        a1 = hk["attn1"][0, 0, 0][sl, sl].numpy()
+        a2 = hk["attn2"][0, 0, 0][sl, sl].numpy()
+        labels = [st.chars[int(t)].replace("\n", "\\n").replace(" ", "␣") for t in bb.x[0, sl]]
+        marks = [int(i) - lo for i in torch.nonzero(outs[sl] >= 1)[:, 0] + lo]
+        maps.append((f"{name} triggers", a1, a2, labels, marks))
+        checks.append(report.Check(f"generic model ({name} triggers): acc_end", rc["metrics"]["acc_end"],
+                                   "trend only", note=f"layer-1 prev-token {rc['metrics']['prev_tok']:.2f}, "
+                                                      f"layer-2 induction attn {rc['metrics']['ind_attn']:.2f}"))
+    checks.append(report.trend("C-12 layer-2 attends to the earlier successor (random triggers, ind_attn > 0.5)",
+                               rec(generic["random"])["metrics"]["ind_attn"] > 0.5,
+                               rec(generic["random"])["metrics"]["ind_attn"]))
+    plots.save(ip.attention_maps(maps), fig_dir, "birth_fig2_attention")
+    families.append(report.Family("Birth Fig. 2: attention maps of the generic transformer",
+                                  ["figures/birth_fig2_attention.png"], checks,
+                                  f"2 layers, 1 head, d=128, pre-LN, AdamW lr 0.01, {sc.generic_steps} steps; "
+                                  "red ticks: trigger positions."))
+
+    # ---- WS: APE vs RPE length generalisation -----------------------------------------------------
+    rows, delay_rows, checks = [], [], []
+    for pos, c in ws.items():
+        lab = "APE" if pos == "ape" else "RPE"
+        m = rec(c)["metrics"]
+        delay_rows.append({"model": f"trained {lab}", "L0": 0, "acc_end": m["acc_end"]})
+        for Tt in sc.T_test:
+            for j, (a, p) in enumerate(zip(m[f"bucket_acc_T{Tt}"], m[f"bucket_prev_T{Tt}"])):
+                rows.append({"model": f"trained {lab}", "T_test": Tt, "bucket_start": j * c.eval.bucket, "acc": a,
+                             "prev": p, "T_train": sc.T})
+            delay_rows.append({"model": f"trained {lab}", "L0": Tt - sc.T, "acc_end": m[f"acc_end_T{Tt}"]})
+        checks.append(report.Check(f"trained {lab}: acc_end at T_train={sc.T}", m["acc_end"], "trend only"))
+    delay_df = pd.concat([delay_df, pd.DataFrame(delay_rows)], ignore_index=True)
+    plots.save(ip.bucket_curves(pd.DataFrame(rows)), fig_dir, "ws_length_buckets")
+    plots.save(ip.delay_curves(delay_df), fig_dir, "ws_delay")
+    ra, rr = rec(ws["ape"])["metrics"], rec(ws["rel_bias"])["metrics"]
+    Tm = max(sc.T_test)
+    checks.append(report.trend(f"C-13 RPE keeps in-context accuracy beyond T_train (T_test={Tm}) within 0.1 of in-range",
+                               rr[f"acc_end_T{Tm}"] >= rr["acc_end"] - 0.1, f"{rr[f'acc_end_T{Tm}']:.3f} vs {rr['acc_end']:.3f}"))
+    checks.append(report.trend(f"C-13 APE drops toward the global-only level beyond T_train (T_test={Tm})",
+                               ra[f"acc_end_T{Tm}"] <= 0.5 * ra["acc_end"], f"{ra[f'acc_end_T{Tm}']:.3f} vs {ra['acc_end']:.3f}"))
+    checks.append(report.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
+                               ra[f"prev_tok_T{Tm}"] < rr[f"prev_tok_T{Tm}"] - 0.2,
+                               f"APE {ra[f'prev_tok_T{Tm}']:.3f}, RPE {rr[f'prev_tok_T{Tm}']:.3f}"))
+    families.append(report.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
+                                  ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
+                                  f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss); RPE = learned "
+                                  "relative bias in layer 1. Delay plot: constructions (T_train=256) and trained models."))
+
+    # ---- WS: knowledge hijack ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    q = int(st.encode("a")[0])
+    g_cal, g_test = torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)
+    L = sc.T
+    starts = (16, L // 2, L + 16, 2 * L - 60)
+    fam_kw = dict(per_cell=sc.per_cell, distance_L=2 * L, starts=starts, gap=sc.gap)
+    cal = make_families(st.pi_b, st.pi_u, q, L, g_cal, **{**fam_kw, "distance_L": None})
+    test = make_families(st.pi_b, st.pi_u, q, L, g_test, **fam_kw)
+    tables, checks = [], []
+    for lam in (2.0, 5.0, 10.0, 20.0):
+        m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="orthogonal", n_ctx=2 * L)
+        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"AMT lambda={lam:g}", "uniform"))
+    for lam in (2.0, 20.0):
+        m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="random", n_ctx=2 * L)
+        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"calibrated AMT lambda={lam:g}", "uniform"))
+    fitted = {}
+    for pos, c in ws.items():
+        lab = "APE" if pos == "ape" else "RPE"
+        rid, _ = _load(store, spec, c)
+        model = load_model(c, store.load_weights(rid))
+        zc = torch.cat([cal["single"].z, cal["conflict"].z])
+        lh, mh = fit_lambda_mu(last_logits(model, zc), zc, ell)
+        fitted[lab] = (lh, mh)
+        tables.append(_hijack_rows(model, test, ell, lh, mh, st.pi_b, f"trained {lab}", "global"))
+    hj = pd.concat(tables, ignore_index=True)
+    hj["T_train"] = L
+    plots.save(ip.hijack_fraction(hj[hj.family.isin(["single", "conflict"])]), fig_dir, "ws_hijack_fraction")
+    plots.save(ip.hijack_logprob(hj[hj.family == "single"]), fig_dir, "ws_hijack_logprob")
+    plots.save(ip.hijack_conflict(hj[(hj.family == "conflict") & hj.model.isin(
+        ["AMT lambda=20", "calibrated AMT lambda=20", "trained RPE", "trained APE"])]), fig_dir, "ws_hijack_conflict")
+    plots.save(ip.hijack_distance(hj[hj.family == "distance"]), fig_dir, "ws_hijack_distance")
+    agree = hj.groupby(["model", "family"])["agree"].mean()
+    for (model, fam), v in agree.items():
+        if model.startswith("calibrated"):
+            checks.append(report.Check(f"{model}: agreement with rule, {fam}", float(v), "reference"))
+            continue
+        if fam == "distance" and model == "trained APE":
+            checks.append(report.Check(f"{model}: agreement with rule, distance (WS oversight expected)",
+                                       float(v), "trend only"))
+            continue
+        checks.append(report.compare(f"C-14 {model}: winners agree with closed-form rule, {fam}", float(v), 1.0, 0.1,
+                                     note="threshold 0.9"))
+    for lab, (lh, mh) in fitted.items():
+        checks.append(report.Check(f"trained {lab}: fitted lambda_hat, mu_hat", f"{lh:.2f}, {mh:.2f}", "trend only"))
+    single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
+    win_by_lam = single.groupby("model")["model_o_wins"].mean()
+    lam_order = [win_by_lam[f"AMT lambda={x:g}"] for x in (2.0, 5.0, 10.0, 20.0)]
+    checks.append(report.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
+                               str([round(x, 2) for x in lam_order])))
+    s5 = single[single.model == "AMT lambda=5"]
+    by_pi = s5.groupby("log_pi_o")["model_o_wins"].mean()
+    checks.append(report.trend("C-8 win rate falls as pi_b(o|q) falls (lambda=5)", by_pi.iloc[0] <= by_pi.iloc[-1],
+                               f"lowest pi: {by_pi.iloc[0]:.2f}, highest pi: {by_pi.iloc[-1]:.2f}"))
+    s2 = hj[(hj.family == "single") & (hj.model == "AMT lambda=5")].groupby("cell")["model_o_wins"].mean()
+    checks.append(report.trend("C-8 win rate rises with n_o (lambda=5)", s2.get("n=4", 0) >= s2.get("n=1", 0),
+                               s2.round(2).to_dict()))
+    families.append(report.Family(
+        "Wang & Sato: knowledge-hijack prompt families vs the closed-form rule",
+        ["figures/ws_hijack_fraction.png", "figures/ws_hijack_logprob.png", "figures/ws_hijack_conflict.png",
+         "figures/ws_hijack_distance.png"], checks,
+        f"Query q='a' (global favourite 'n'); pairs separated by {sc.gap} filler tokens; prompts of length {L} "
+        f"(distance family {2 * L}, pairs starting at {starts}); {sc.per_cell} prompts per cell. AMT = orthogonal "
+        "RPE construction (rule with uniform attention when S(q) is empty); calibrated AMT = the spec's "
+        "random-basis construction (reference); trained models: rule with lambda_hat, mu_hat fitted on "
+        "separate calibration prompts (S(q) empty -> global term only)."))
+    timings["hijack"] = time.perf_counter() - t0
+
+    section = report.Section(
+        key="induction", title="Induction heads as associative memories (Birth of a Transformer; Wang & Sato)",
+        intro=(f"Scale `{scale}`. Runs: {len(rep.run_ids)} ({rep.ran} trained now, {rep.skipped} reused, "
+               f"{rep.failed} failed). All training on CPU with batch {sc.batch} (the spec's 512 is too slow on 2 "
+               "cores); see docs/induction.md for reconstructed choices."),
+        families=families,
+        meta=report.run_meta(scale=scale, wall_s=round(time.perf_counter() - t_start, 1),
+                             **{f"time {k} (s)": round(v, 1) for k, v in timings.items()}))
+    hj.to_csv(out / "hijack_outcomes.csv", index=False)
+    report.write_report(section, out)
+    return section
