@@ -98,6 +98,8 @@ class LCAModel(nn.Module):
         """
         s = self.score_table().gather(1, last[..., None].expand(-1, -1, self.vocab_size))  # [S,B,V+1]
         a = torch.softmax(s + log_counts(c), dim=-1)
+        if 2 * self.d_model < self.vocab_size:   # cheaper order when d is small: (a @ values) @ W_E^T
+            return (a @ self.values()) @ self.W_E.transpose(1, 2)
         M = self.values() @ self.W_E.transpose(1, 2)
         return a @ M
 
