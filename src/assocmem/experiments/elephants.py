@@ -13,6 +13,7 @@ shared machine). The CLI default ``--jobs 1`` is read as "auto": one process per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -45,6 +46,8 @@ class Scale:
     big_L: int = 256                      # L of the standard / cluster / dim families
     n_eval: int = 4096
     n_mix: int = 1024
+    n_ref: int = 4096                     # sequences per reference-decoder cell
+    steps: int = 500
 
 
 SCALES = {
@@ -61,36 +64,54 @@ def dim_lr(m: int, d: int) -> float:
     return 1e-2 if d <= 64 or (d == 128 and m >= 7) else 1e-3
 
 
-def cfg(m: int, d: int, L: int, lr: float, seed: int, *, W_V: str = "trained", emb: str = "trained",
-        cluster: int = 0, n_eval: int = 4096):
+def _cfg(m: int, d: int, L: int, lr: float, seed: int, *, W_V: str = "trained", emb: str = "trained",
+        cluster: int = 0, n_eval: int = 4096, steps: int = 500):
     return config_from(SPEC, {"task": {"m": m, "L": L, "cluster": cluster},
                               "model": {"d_model": d, "W_V": W_V, "embeddings": emb},
-                              "optim": {"lr": lr}, "eval": {"n_eval": n_eval}, "seed": seed})
+                              "optim": {"lr": lr, "steps": steps}, "eval": {"n_eval": n_eval}, "seed": seed})
 
 
 def grids(scale: str) -> dict[str, list]:
     """Family -> configs (every seed listed) for ``scale``."""
     s = SCALES[scale]
-    n, ev = s.seeds, s.n_eval
+    n = s.seeds
+    cfg = functools.partial(_cfg, n_eval=s.n_eval, steps=s.steps)
     g: dict[str, list] = {k: [] for k in ("standard", "dim_freeze", "dim_no_freeze", "cluster", "length",
                                           "with_wv_low_dim", "no_wv_low_dim")}
     for m in s.ms:
-        g["standard"] += [cfg(m, s.big_d, s.big_L, 1e-3, e, n_eval=ev) for e in range(n["standard"])]
+        g["standard"] += [cfg(m, s.big_d, s.big_L, 1e-3, e) for e in range(n["standard"])]
         for d in s.dims:
             for emb, fam in (("frozen", "dim_freeze"), ("trained", "dim_no_freeze")):
-                g[fam] += [cfg(m, d, s.big_L, dim_lr(m, d), e, emb=emb, n_eval=ev) for e in range(n["dim"])]
+                g[fam] += [cfg(m, d, s.big_L, dim_lr(m, d), e, emb=emb) for e in range(n["dim"])]
         for c in (1, 2):
-            g["cluster"] += [cfg(m, s.big_d, s.big_L, 1e-3, e, cluster=c, n_eval=ev) for e in range(n["cluster"])]
+            g["cluster"] += [cfg(m, s.big_d, s.big_L, 1e-3, e, cluster=c) for e in range(n["cluster"])]
         for d in s.length_dims:
             for L in s.lengths:
                 for lr in (1e-2, 1e-3):
-                    g["length"] += [cfg(m, d, L, lr, e, n_eval=ev) for e in range(n["length"])]
+                    g["length"] += [cfg(m, d, L, lr, e) for e in range(n["length"])]
         for L in (64, 128):
-            g["with_wv_low_dim"] += [cfg(m, 64, L, 1e-2, e, n_eval=ev) for e in range(n["low_dim"])]
+            g["with_wv_low_dim"] += [cfg(m, 64, L, 1e-2, e) for e in range(n["low_dim"])]
             for d in ((64,) if L == 64 else (32, 64, 96)):
-                g["no_wv_low_dim"] += [cfg(m, d, L, 1e-2, e, W_V="identity", n_eval=ev)
+                g["no_wv_low_dim"] += [cfg(m, d, L, 1e-2, e, W_V="identity")
                                        for e in range(n["low_dim"])]
     return g
+
+
+def figure_names(scale: str) -> list[str]:
+    """The figure files (without extension) ``reproduce`` draws at ``scale``: the paper's file names for
+    the m values (and d values) of the scale's grid, plus ``reference_decoders``."""
+    s = SCALES[scale]
+    top = s.ms[-2:]
+    ham = [d for d in (16, 32, 64) if d in s.dims] or list(s.dims[:3])
+    spec = [d for d in (32, 64) if d in s.dims] or list(s.dims[:2])
+    n_spec = min(4, s.seeds["dim"])
+    names = ["Wv_bar_l64", "Wv_bar_l128", "reference_decoders"]
+    names += [f"hamming_inner_n{m}" for m in top] + [f"no_wv_hamming_inner_n{m}" for m in s.ms]
+    names += [f"spectrum_n{m}_d{d}_e{e}" for m in top for d in spec for e in range(n_spec) if ham]
+    names += [f"heat_map_n{m}_c{c}" for c in (1, 2) for m in s.ms if c < m]
+    for m in s.ms:
+        names += [f"wv_replace_dim_n{m}", f"wv_angle_dim_n{m}", f"dim_n{m}", f"confusion_bar_l{m}", f"length_n{m}"]
+    return names
 
 
 def cost(c) -> float:
