@@ -62,3 +62,18 @@ def test_cli_run_json_and_missing_data(shared_data, tmp_path, capsys):
     assert out["status"] == "ok" and out["task"] == "induction"
     assert main(["run", "induction", f"task.data_path={tmp_path / 'missing.txt'}", "--out", str(tmp_path)]) == 2
     assert "task.data_path" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reproduce_pipeline_smoke(shared_data, tmp_path):
+    """The whole reproduction (tiny 'smoke' scale): runs stored, figures and report written, and a
+    rerun reuses every stored run."""
+    from assocmem.experiments.induction import reproduce
+    path = str(shared_data / "tinyshakespeare" / "input.txt")
+    sec = reproduce(tmp_path, "smoke", data_path=path)
+    assert (tmp_path / "report.md").exists() and (tmp_path / "runs.parquet").exists()
+    assert (tmp_path / "figures" / "ws_hijack_fraction.png").exists()
+    names = [c.name for c in sec.checks()]
+    assert any(n.startswith("C-14") for n in names) and any(n.startswith("C-7") for n in names)
+    sec2 = reproduce(tmp_path, "smoke", data_path=path)
+    assert "0 trained now" in sec2.intro

@@ -56,26 +56,40 @@ class Scale:
     seeds: tuple[int, ...] = (0,)
     generic_steps: int = 300
     gap: int = 20           # filler tokens between inserted (q, o) pairs
+    lr: float = 0.03        # fig. 3 runs (README: 0.03 at batch 512)
+    lr4: float = 0.3        # fig. 4 grid
+    lr_ws: float = 0.3      # WS APE/RPE models (random triggers, linear W_F, full loss)
+    lr_generic: float = 0.01
+    d_gen: int = 128        # generic model width and length
+    T_gen: int = 128
 
 
 SCALES = {
     "smoke": Scale(d=32, T=32, steps=20, batch=8, eval_batch=8, T_test=(64,), long_batch=4,
                    d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
-                   generic_steps=10, gap=2),   # pipeline test only
+                   generic_steps=10, gap=2, d_gen=32, T_gen=32),   # pipeline test only
     "quick": Scale(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
-                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=16, per_cell=5,
-                   generic_steps=200),
-    "paper": Scale(d=256, T=256, steps=1000, batch=32, eval_batch=128, T_test=(512, 1024), long_batch=32,
-                   d4=128, T4=128, steps4=1000, data_seqs=512, constr_seqs=256, delay_seqs=48, per_cell=10,
-                   generic_steps=600),
+                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=5,
+                   generic_steps=300, lr=0.1, lr4=0.3, lr_ws=0.3, d_gen=64, T_gen=64),
+    "paper": Scale(d=256, T=256, steps=1000, batch=32, eval_batch=128, T_test=(512, 1024), long_batch=24,
+                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=32, per_cell=10,
+                   generic_steps=600, lr=0.03, lr4=0.3, lr_ws=0.1, d_gen=128, T_gen=256),
 }
 
 
 def _base(sc: Scale, data_path: str) -> dict:
     return {"task": {"data_path": data_path, "T": sc.T, "K": 5, "fixed_triggers": True},
             "model": {"d_model": sc.d, "n_ctx": max(sc.T_test + (sc.T,))},
-            "optim": {"batch": sc.batch, "steps": sc.steps, "log_every": 5},
+            "optim": {"batch": sc.batch, "steps": sc.steps, "log_every": 5, "lr": sc.lr},
             "eval": {"batch": sc.eval_batch, "every": 25, "long_batch": sc.long_batch}}
+
+
+def _le(a, b) -> bool:
+    """a <= b for 'first step reaching 0.5' values (None/nan = never)."""
+    inf = float("inf")
+    a = inf if a is None or (isinstance(a, float) and math.isnan(a)) else a
+    b = inf if b is None or (isinstance(b, float) and math.isnan(b)) else b
+    return a <= b and a < inf
 
 
 def _cfg(spec, base: dict, **flat):
@@ -195,7 +209,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     freeze = [_cfg(spec, base, **{"optim.freeze_until": [f"{n}:{int(0.3 * sc.steps)}"]})
               for n in ("W_O2", "W_K2", "W_K1")]
     b4 = {**base, "task": {**base["task"], "T": sc.T4}, "model": {"d_model": sc.d4, "n_ctx": sc.T4, "ffn": "linear"},
-          "optim": {**base["optim"], "steps": sc.steps4, "loss": "all"}}
+          "optim": {**base["optim"], "steps": sc.steps4, "loss": "all", "lr": sc.lr4}}
     data_cfgs = {}
     for K in (1, 3, 5, 10):
         data_cfgs[f"K={K} random"] = _cfg(spec, b4, **{"task.K": K, "task.fixed_triggers": False})
@@ -204,10 +218,12 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     data_cfgs["K=5 fixed, OOD outputs"] = _cfg(spec, b4, **{"task.fixed_triggers": True, "task.outputs": "ood"})
     data_cfgs["K=5 random, OOD outputs"] = _cfg(spec, b4, **{"task.fixed_triggers": False, "task.outputs": "ood"})
     ws = {pos: _cfg(spec, base, **{"task.fixed_triggers": False, "model.pos": pos, "model.ffn": "linear",
-                                  "optim.loss": "all", "eval.T_test": list(sc.T_test)})
+                                  "optim.loss": "all", "optim.lr": sc.lr_ws, "optim.bias_lr_mult": 100.0,
+                                  "eval.T_test": list(sc.T_test)})
           for pos in ("ape", "rel_bias")}
-    gen_base = {**base, "model": {"kind": "generic", "d_model": 128, "n_ctx": sc.T, "n_heads": 1},
-                "optim": {**base["optim"], "name": "adamw", "lr": 0.01, "weight_decay": 0.01, "loss": "all",
+    gen_base = {**base, "task": {**base["task"], "T": sc.T_gen},
+                "model": {"kind": "generic", "d_model": sc.d_gen, "n_ctx": sc.T_gen, "n_heads": 1},
+                "optim": {**base["optim"], "name": "adamw", "lr": sc.lr_generic, "weight_decay": 0.01, "loss": "all",
                           "steps": sc.generic_steps}}
     generic = {"fixed": _cfg(spec, gen_base, **{"task.K": 2, "task.fixed_triggers": True}),
                "random": _cfg(spec, gen_base, **{"task.K": 3, "task.fixed_triggers": False})}
@@ -243,14 +259,18 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
                            f"steps {t_wo1}, {t_wk1}, {t_wk0}"),
               report.trend("C-10 wk0_64 before wk0", t_wk064 is not None and (t_wk0 is None or t_wk064 <= t_wk0),
                            f"steps {t_wk064}, {t_wk0}"),
+              report.trend("C-10 top-down order with wk1 over all tokens (WS APE model, random triggers): wo1 <= wk1",
+                           _le(rec(ws["ape"])["metrics"].get("t50_wo1"), rec(ws["ape"])["metrics"].get("t50_wk1")),
+                           "steps wo1 {}, wk1 {}, wk0_64 {}, wk0 {}".format(*(rec(ws["ape"])["metrics"].get(f"t50_{k}")
+                                                                          for k in ("wo1", "wk1", "wk0_64", "wk0")))),
               report.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
     for n, c in zip(("W_O2", "W_K2", "W_K1"), freeze):
         checks.append(report.Check(f"acc_end with {n} frozen until step {int(0.3 * sc.steps)}",
                                    rec(c)["metrics"]["acc_end"], "trend only"))
     families.append(report.Family("Birth Fig. 3: memory-recall probes and freeze schedules",
                                   ["figures/birth_fig3_probes.png"], checks,
-                                  "Simplified model, README config (K=5 fixed triggers, in-context loss, SGD lr 0.03, "
-                                  f"momentum 0.9, wd 1e-4) at batch {sc.batch}, d={sc.d}, T={sc.T}."))
+                                  "Simplified model, README config (K=5 fixed triggers, in-context loss, SGD momentum 0.9, "
+                                  f"wd 1e-4) at batch {sc.batch} (spec 512), lr {sc.lr} (spec 0.03), d={sc.d}, T={sc.T}."))
 
     # ---- Birth fig. 4: data effects -------------------------------------------------------------
     rows, summary = [], {}
@@ -285,7 +305,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
                                min(lb) <= 2.6, round(min(lb), 3)))
     families.append(report.Family("Birth Fig. 4: data effects (linear W_F, loss on all positions)",
                                   ["figures/birth_fig4_data.png"], checks,
-                                  f"d={sc.d4}, T={sc.T4}, {sc.steps4} steps, batch {sc.batch}; OOD: train outputs "
+                                  f"d={sc.d4}, T={sc.T4}, {sc.steps4} steps, batch {sc.batch}, lr {sc.lr4}; OOD: train outputs "
                                   "ids < 48, test outputs ids >= 48 (acc_end is on the held-out outputs)."))
 
     # ---- Birth fig. 2: attention maps of the generic model ----------------------------------------
@@ -316,7 +336,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     plots.save(ip.attention_maps(maps), fig_dir, "birth_fig2_attention")
     families.append(report.Family("Birth Fig. 2: attention maps of the generic transformer",
                                   ["figures/birth_fig2_attention.png"], checks,
-                                  f"2 layers, 1 head, d=128, pre-LN, AdamW lr 0.01, {sc.generic_steps} steps; "
+                                  f"2 layers, 1 head, d={sc.d_gen}, T={sc.T_gen}, pre-LN, AdamW lr {sc.lr_generic}, {sc.generic_steps} steps; "
                                   "red ticks: trigger positions."))
 
     # ---- WS: APE vs RPE length generalisation -----------------------------------------------------
@@ -345,8 +365,8 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
                                f"APE {ra[f'prev_tok_T{Tm}']:.3f}, RPE {rr[f'prev_tok_T{Tm}']:.3f}"))
     families.append(report.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
                                   ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
-                                  f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss); RPE = learned "
-                                  "relative bias in layer 1. Delay plot: constructions (T_train=256) and trained models."))
+                                  f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss, lr {sc.lr_ws}, {sc.steps} steps); RPE = learned "
+                                  "relative bias in layer 1 (lr x100). Delay plot: constructions (T_train=256) and trained models."))
 
     # ---- WS: knowledge hijack ---------------------------------------------------------------------
     t0 = time.perf_counter()

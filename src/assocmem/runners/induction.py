@@ -65,6 +65,7 @@ class InductionOptimConfig:
     loss: str = param("icl", choices=("icl", "all"), help="icl: outs >= 2 positions only")
     freeze_until: tuple[str, ...] = param((), help="'NAME:STEP' keeps NAME frozen until STEP (e.g. W_K1:300)")
     log_every: int = param(5, lo=1, hi=1_000_000)
+    bias_lr_mult: float = param(1.0, lo=0.0, hi=1e6, help="lr multiplier of the RPE bias b_rel (one scalar per offset)")
 
     def validate(self) -> None:
         for item in self.freeze_until:
@@ -195,11 +196,13 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     simplified = isinstance(model, SimplifiedInduction)
     o = cfg.optim
     params = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if n != "b_rel"]}]
+    if "b_rel" in params:
+        groups.append({"params": [params["b_rel"]], "lr": o.lr * o.bias_lr_mult})
     if o.name == "sgd":
-        opt = torch.optim.SGD(list(params.values()), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
-        opt = torch.optim.AdamW(list(params.values()), lr=o.lr, betas=tuple(o.betas[:2]), eps=1e-8,
-                                weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas[:2]), eps=1e-8, weight_decay=o.weight_decay)
     freeze = {}
     for item in o.freeze_until:
         name, _, step = item.partition(":")
