@@ -1,0 +1,31 @@
+"""Experiment helpers: bisection over a grid reuses the store and finds the threshold."""
+import pandas as pd
+import pytest
+
+from assocmem.experiments import geometric as ge
+from assocmem.experiments import geometric_plots as gp
+from assocmem.store import RunStore
+from assocmem.sweep import LocalBackend
+
+
+@pytest.mark.slow
+def test_bisect_finds_monotone_threshold(tmp_path):
+    store = RunStore(tmp_path)
+    cells = {"tiny": lambda d: [ge.make_cfg(**{"task.N": 16, "task.R": 2, "model.d_model": d, "optim.lr": 0.01,
+                                                "optim.max_steps": 200, "optim.patience": 50}, seed=0)]}
+    grid = (1, 4, 16, 64)
+    res = ge.bisect(store, cells, grid, LocalBackend(1), False, "test")
+    d = res["tiny"]
+    assert d is not None and d <= 64
+    recs = store.table("geometric")
+    ok = recs.set_index("model.d_model")["success"]
+    assert ok[d] == 1.0 and all(ok[x] == 0.0 for x in ok.index if x < d)
+    n = len(recs)
+    assert ge.bisect(store, cells, grid, LocalBackend(1), False, "test") == res  # reuses finished runs
+    assert len(store.table("geometric")) == n
+
+
+def test_plots_return_figures(tmp_path):
+    df = pd.DataFrame({"N": [64, 128, 64, 128], "R": [2, 2, 4, 4], "dstar": [4, 6, 8, 12]})
+    paths = ge.plots.save(gp.dstar_vs_logN(df, 0.5, 0.0), tmp_path, "x")
+    assert all(p.exists() for p in paths)
