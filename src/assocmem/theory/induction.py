@@ -149,14 +149,25 @@ def context_beats_global(n_o: Tensor, n_b: Tensor, size: Tensor, log_pi_o: Tenso
     return lam * (n_o - n_b) / size.clamp(min=1) > mu * (log_pi_b - log_pi_o)
 
 
-def fit_lambda_mu(logits: Tensor, z: Tensor, log_pi: Tensor) -> tuple[float, float]:
+def fit_lambda_mu(logits: Tensor, z: Tensor, log_pi: Tensor, candidates: bool = False) -> tuple[float, float]:
     """Least-squares (lambda_hat, mu_hat) of last-position logits [B, N] on [n_k/|S|, log_pi(k|q)],
-    each centred over k within a prompt (logits are defined up to a per-prompt shift)."""
+    each centred over k within a prompt (logits are defined up to a per-prompt shift).
+
+    candidates: restrict each prompt to the tokens that compete for top-1 under the rule (the
+    in-context successors and the global favourite), centring within that set."""
     N = log_pi.shape[0]
     n, size = context_counts(z, N)
     f1 = torch.where(size[:, None] > 0, n / size.clamp(min=1)[:, None], torch.zeros_like(n))
     f2 = log_pi[z[:, -1]]
-    X = torch.stack([f1 - f1.mean(1, keepdim=True), f2 - f2.mean(1, keepdim=True)], -1).reshape(-1, 2)
-    y = (logits - logits.mean(1, keepdim=True)).reshape(-1, 1)
+    if candidates:
+        w = ((n > 0) | (f2 == f2.max(1, keepdim=True).values)).float()
+    else:
+        w = torch.ones_like(f1)
+    cnt = w.sum(1, keepdim=True)
+
+    def centre(v):
+        return (v - (v * w).sum(1, keepdim=True) / cnt) * w
+    X = torch.stack([centre(f1), centre(f2)], -1).reshape(-1, 2)
+    y = centre(logits).reshape(-1, 1)
     sol = torch.linalg.lstsq(X.double(), y.double()).solution[:, 0]
     return float(sol[0]), float(sol[1])
