@@ -22,7 +22,7 @@ from .. import plots, report
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 RELATIONS = ("P103", "P131", "P190", "P641", "P1412")
-N_DEFAULT = {"quick": 40, "paper": 500}
+N_DEFAULT = {"quick": 30, "paper": 500}
 K_DEFAULT = tuple(range(11))
 SEED = 0
 
