@@ -176,3 +176,22 @@ def test_custom_and_user_schemes(tmp_path):
     f.write_text(json.dumps({"schemes": {"x": {"template": "a", "colour": 1}}}))
     with pytest.raises(ConfigError, match="unknown key 'colour'"):
         load_schemes(f)
+
+
+def test_fetch_original_caches_and_verifies(tmp_path, monkeypatch):
+    from assocmem.hijack import counterfact as cf
+    src = tmp_path / "served.json"
+    src.write_text(json.dumps(records()))
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="parsed into 7 records, expected 21919"):
+        cf.fetch_original(cache, url=src.as_uri())
+    assert not (cache / "counterfact.json").exists()
+    monkeypatch.setattr(cf, "ORIGINAL_RECORDS", 7)
+    path = cf.fetch_original(cache, url=src.as_uri())
+    meta = json.loads((cache / "counterfact.json.meta.json").read_text())
+    assert meta["records"] == 7 and meta["bytes"] == src.stat().st_size and len(meta["sha256"]) == 64
+    src.unlink()                                            # reuse needs no download
+    assert cf.fetch_original(cache, url=src.as_uri()) == path
+    path.write_text(path.read_text().replace("Lyon", "Lyom"))
+    with pytest.raises(ConfigError, match="does not match its recorded size/SHA-256"):
+        cf.fetch_original(cache, url=src.as_uri())
