@@ -415,7 +415,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
         checks.append(report.Check(f"trained {lab}: fitted lambda_hat, mu_hat", f"{lh:.2f}, {mh:.2f}", "trend only"))
     single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
     win_by_lam = single.groupby("model")["model_o_wins"].mean()
-    lam_order = [win_by_lam[f"AMT lambda={x:g}"] for x in (2.0, 5.0, 10.0, 20.0)]
+    lam_order = [float(win_by_lam[f"AMT lambda={x:g}"]) for x in (2.0, 5.0, 10.0, 20.0)]
     checks.append(report.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
                                str([round(x, 2) for x in lam_order])))
     s5 = single[single.model == "AMT lambda=5"]
