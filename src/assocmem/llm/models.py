@@ -109,6 +109,8 @@ def load_model(name: str, device: str = "cpu", use_cache: bool = True, progress:
 
     Weights are fp32 in eval mode; the tokenizer keeps its default special tokens; no chat template.
     """
+    if name in BUNDLED:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # before transformers/huggingface_hub read it
     _require_transformers()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,7 +121,6 @@ def load_model(name: str, device: str = "cpu", use_cache: bool = True, progress:
     meta: dict[str, Any] = {"model": name, "dtype": "float32", "chat_template": "none"}
     if name in BUNDLED:
         b = BUNDLED[name]
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         fp32 = cache_dir() / "models" / f"{name}-fp32"
         meta.update(source=b.description, package=b.install)
         if use_cache and (fp32 / "config.json").exists():
