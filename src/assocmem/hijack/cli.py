@@ -28,7 +28,8 @@ def parse_ks(text: str) -> list[int]:
     return sorted(set(ks))
 
 
-def _relations(text: str | None) -> list[str] | None:
+def _csv(text: str | None) -> list[str] | None:
+    """"a, b" -> ["a", "b"]; None or "" -> None."""
     return [r.strip() for r in text.split(",") if r.strip()] if text else None
 
 
@@ -52,7 +53,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scheme = book.get(args.scheme)
     sep = book.separator if args.sep is None else args.sep
     ds = load_counterfact(args.data, skip_invalid=args.skip_invalid)
-    rels = _relations(args.relation) or (sorted(scheme.relations) if scheme.relations else None)
+    rels = _csv(args.relation) or (sorted(scheme.relations) if scheme.relations else None)
     records = select(ds.records, rels, args.n, args.seed)
     lm = load_model(args.model, progress=not args.json)
     t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from ..experiments.hijack import reproduce
     section = reproduce(Path(args.out), scale=args.scale, jobs=1, force=args.force, n=args.n,
-                        models=_relations(args.models), ks=parse_ks(args.k) if args.k else None)
+                        models=_csv(args.models), ks=parse_ks(args.k) if args.k else None)
     print(f"hijack: {section.tally()} -> {Path(args.out) / 'report.html'}")
     return 0
 
