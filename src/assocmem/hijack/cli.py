@@ -29,7 +29,7 @@ def parse_ks(text: str) -> list[int]:
 
 
 def _csv(text: str | None) -> list[str] | None:
-    """"a, b" -> ["a", "b"]; None or "" -> None."""
+    """Comma list to a list of stripped items; None for an empty value."""
     return [r.strip() for r in text.split(",") if r.strip()] if text else None
 
 
