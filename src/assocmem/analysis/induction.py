@@ -42,7 +42,7 @@ def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
             out[name] = (A.argmax(2) == torch.arange(n - 1)).float().mean(1)
     elif m.pos == "rel_bias":
         b = m.b_rel[:, 1:T]
-        out["wk0"] = out["wk0_64"] = (b.argmax(1) == 0).float()
+        out["wk0"] = out["wk0_64"] = (b[:, 0] > b[:, 1:].max(1).values).float()   # strict: zeros at init fail
     if m.ffn == "linear" and pi_b is not None:
         L = U @ m.W_F @ E.transpose(1, 2)                                    # [S, N(j), N(i)]
         logq = L.transpose(1, 2).log_softmax(-1)                             # [S, i, j]
