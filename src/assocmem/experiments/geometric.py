@@ -67,8 +67,8 @@ SCALES = {
     "quick": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(64, 128, 256), e1_R=(2, 4),
                    d_grid=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48), max_steps=1500,
                    e2_N=(32, 64, 128), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512),
-                   e3_N=512, e3_d=(32,), e5_N=128, e5_d=32, e6_N=64, e6_R=(2,), e6_k=(1, 2, 3),
-                   e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96),
+                   e3_N=512, e3_d=(32,), e5_N=128, e5_d=32, e6_N=64, e6_R=(2,), e6_k=(1, 3),
+                   e6_grid=(4, 8, 16, 32, 64),
                    e5_knobs=("default", "init 0.01", "init 0.01, wd 1e-3, to loss 1e-4", "frozen W_U, init 0.01"),
                    e5_max_steps=600, e0_overlap_N=(256,)),
     "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(128, 256, 512, 1024), e1_R=(1, 2, 4),
@@ -402,7 +402,7 @@ def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: i
 
 # ---- E6: multi-hop ------------------------------------------------------------------------------------------------
 def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> report.Family:
-    K = max(sc.e6_k)
+    K = 3
     cells = {}
     for R in sc.e6_R:
         for k in sc.e6_k:
