@@ -421,7 +421,8 @@ def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> repor
         grow_c, grow_n = g[(True, kK)] / g[(True, k1)], g[(False, kK)] / g[(False, k1)]
         checks.append(report.trend(f"R={R}: d* without CoT grows with k much faster than with CoT",
                                    grow_n >= 2 * grow_c, ours=f"noCoT x{grow_n:.2f} vs CoT x{grow_c:.2f} (k {k1}->{kK})",
-                                   note="missing d* (above the grid) counted as 2x the grid maximum"))
+                                   note="missing d* (above the grid) counted as 2x the grid maximum; absolute d*: "
+                                        f"CoT {g[True].to_dict()}, no CoT {g[False].to_dict()}"))
     text = (f"N = {sc.e6_N}, slot format with K = {K}; CoT: one head, success = every chain right under greedy "
             f"decoding; no CoT: {K} heads, one target. Grid {list(sc.e6_grid)}.\n\n```\n{df.to_string(index=False)}\n```")
     return report.Family("E6 multi-hop: CoT vs no CoT", ["figures/geo_e6_multihop.png"], checks, text)
