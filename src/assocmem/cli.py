@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -108,7 +109,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         reproduce = getattr(importlib.import_module(module), fn)
         sub = out / name if args.paper == "all" else out
         t0 = time.perf_counter()
-        section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force)
+        extra = {"n": args.n} if args.n is not None and "n" in inspect.signature(reproduce).parameters else {}
+        section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force, **extra)
         print(f"{name}: {section.tally()} in {time.perf_counter() - t0:.1f} s -> {sub / 'report.html'}")
         entries.append((section, f"{name}/report.html" if args.paper == "all" else "report.html"))
     if args.paper == "all":
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="reproduction")
     rp.add_argument("--jobs", type=int, default=1)
     rp.add_argument("--force", action="store_true", help="retrain even finished runs")
+    rp.add_argument("--n", type=int, help="hijack: CounterFact records per curve (default per scale)")
     rp.add_argument("--backend", default="local", help="execution backend for training runs: local or ray")
     rp.add_argument("--address", help="ray: cluster address (default: RAY_ADDRESS or a local instance)")
     rp.set_defaults(fn=_cmd_reproduce)
