@@ -62,6 +62,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .store import RunStore
+    import pandas as pd
+
     from .sweep import grid_from_file, make_backend, run_configs, summarize
 
     task, configs = grid_from_file(args.grid, parse_dotlist(args.overrides))
@@ -69,7 +71,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     kwargs = {"jobs": args.jobs} if args.backend == "local" else {"address": args.address}
     backend = make_backend(args.backend, **kwargs)
     rep = run_configs(task, configs, store, backend=backend, force=args.force, stack=not args.no_stack)
-    print(summarize(store, rep.run_ids, task.summary_keys))
+    df = pd.read_parquet(store.root / "runs.parquet")       # written by run_configs
+    print(summarize(df[df["run_id"].isin(rep.run_ids)], task.summary_keys))
     print(f"{len(rep.run_ids)} runs: {rep.ran} ran, {rep.skipped} already finished, {rep.failed} failed "
           f"({rep.wall_s:.1f} s); table: {store.root / 'runs.parquet'}")
     return 0 if rep.failed == 0 else 1
@@ -89,7 +92,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     for name in sorted(set(df["task"])):
         if name in TASKS:
             keys += [k for k in get_task(name).summary_keys if k not in keys]
-    print(summarize(store, df["run_id"], keys))
+    print(summarize(df, keys))
     print(f"{len(df)} runs in {store.root}")
     return 0
 

@@ -26,9 +26,10 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import ConfigError, config_hash, load_yaml, merge, unflatten
@@ -72,10 +73,6 @@ def expand_grid(spec: Mapping[str, Any]) -> tuple[TaskSpec, list[Any]]:
                 seen.add(rid)
                 configs.append(cfg)
     return task, configs
-
-
-def load_grid(path: str) -> tuple[TaskSpec, list[Any]]:
-    return expand_grid(load_yaml(path))
 
 
 def make_jobs(task: TaskSpec, configs: Sequence[Any], stack: bool = True) -> list[Job]:
@@ -184,8 +181,7 @@ def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, back
     backend = _OVERRIDE or backend or LocalBackend(1)
     store.cleanup()
     ids = [config_hash(task.name, c) for c in configs]
-    todo = [c for c, rid in zip(configs, ids) if force or not store.is_finished(rid)]
-    todo = list({config_hash(task.name, c): c for c in todo}.values())
+    todo = list({rid: c for c, rid in zip(configs, ids) if force or not store.is_finished(rid)}.values())
     jobs = make_jobs(task, todo, stack=stack)
     failed = 0
     bar = tqdm(total=len(todo), desc=desc or task.name, unit="run", disable=not progress or not todo,
@@ -206,12 +202,10 @@ def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, back
     return SweepReport(ids, len(todo), len(configs) - len(todo), failed, time.perf_counter() - t0)
 
 
-def summarize(store: RunStore, run_ids: Iterable[str], keys: Sequence[str]) -> str:
-    """Plain-text table of the given runs: id, chosen config keys, accuracy (or first metric), status."""
-    df = store.table()
+def summarize(df: pd.DataFrame, keys: Sequence[str]) -> str:
+    """Plain-text table of runs (rows of the store's table): id, chosen config keys, accuracy, status."""
     if df.empty:
         return "(no runs)"
-    df = df[df["run_id"].isin(list(run_ids))]
     metric = "accuracy" if "accuracy" in df.columns else None
     cols = ["run_id"] + [k for k in keys if k in df.columns] + ([metric] if metric else []) + ["status"]
     out = df[cols].copy()
