@@ -71,3 +71,21 @@ def test_cli_run_and_registry(tmp_path, capsys):
     assert rc == 0 and out["status"] == "ok" and out["accuracy"] == 1.0
     rc = cli.main(["run", "geometric", "task.format=sr", "task.k=2", "--out", str(tmp_path)])
     assert rc == 2  # k > 1 needs the slots format
+
+
+def test_device_field():
+    """``device`` is validated against DEVICES; weights come back on the CPU; 'auto' on a CPU-only
+    machine equals the cpu run (tests run on the CPU only)."""
+    import dataclasses
+
+    import pytest
+
+    from assocmem.config import ConfigError
+    assert G.GeoConfig().device == "cpu"
+    with pytest.raises(ConfigError):
+        build(G.GeoConfig, {"device": "tpu"})
+    a = G.run_stack([cfg(0)])[0]
+    assert a.weights["W_E"].device.type == "cpu"
+    if not torch.cuda.is_available():
+        b = G.run_stack([dataclasses.replace(cfg(0), device="auto")])[0]
+        assert a.metrics["steps"] == b.metrics["steps"] and torch.equal(a.weights["W_E"], b.weights["W_E"])

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..config import ConfigError, Seeds, param
 from ..models.geometric import WEIGHT_NAMES, StackedTransformer
 from ..registry import RunResult, TaskSpec
+from ..training import DEVICES, resolve_device
 from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
 from ..theory.geometric import evaluate
 
@@ -102,6 +103,7 @@ class GeoConfig:
     optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
     seed: int = param(0, lo=0)
     seeds: Seeds = dataclasses.field(default_factory=Seeds)
+    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -172,12 +174,13 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     accuracy, diverged flags, and curves (loss/accuracy every ``o.log_every`` steps).
     """
     S = model.S
+    device = model.W_E.device
     tg = targets[..., out_pos[0]:out_pos[1]]
     params = {n: getattr(model, n) for n in trainable}
     for n in WEIGHT_NAMES:
         getattr(model, n).requires_grad_(n in params)
     state: dict[str, dict[str, Tensor]] = {}
-    active = torch.ones(S, dtype=torch.bool)
+    active = torch.ones(S, dtype=torch.bool, device=device)
     steps = [o.max_steps] * S
     final_loss, final_acc = [math.nan] * S, [0.0] * S
     diverged = [False] * S
@@ -237,7 +240,7 @@ def trainable_names(mc: ModelCfg) -> list[str]:
 def greedy_chain_accuracy(model: StackedTransformer, tokens: Tensor, targets: Tensor, K: int, k: int) -> Tensor:
     """CoT: fraction of queries whose k answers are all right when each step feeds back the argmax [S]."""
     tok = tokens.clone()
-    ok = torch.ones(tok.shape[:2], dtype=torch.bool)
+    ok = torch.ones(tok.shape[:2], dtype=torch.bool, device=tok.device)
     for t in range(k):
         pred = model(tok, (K + t, K + t + 1))[:, :, 0].argmax(-1)        # [S, B]
         ok &= pred == targets[..., K + t]
@@ -254,12 +257,14 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
     seeds = [c.seeds.resolve(c.seed) for c in configs]
     datas = [make_data(c, s) for c, s in zip(configs, seeds)]
     d0 = datas[0]
-    tokens = torch.stack([d.tokens for d in datas])
-    targets = torch.stack([d.targets for d in datas])
+    device = resolve_device(c0.device)
+    tokens = torch.stack([d.tokens for d in datas]).to(device)
+    targets = torch.stack([d.targets for d in datas]).to(device)
     model = build_model(c0, S, d0)
     emb_std = c0.model.emb_std or None
-    for i, s in enumerate(seeds):
+    for i, s in enumerate(seeds):   # drawn on the CPU, so a run does not depend on the device
         model.init_instance(i, torch.Generator().manual_seed(s.init), emb_std, c0.model.w2_scale)
+    model.to(device)
     tr = train(model, tokens, targets, d0.out_pos, c0.optim, trainable_names(c0.model))
     ev = evaluate(model, GeoData(tokens, targets, d0.subj, d0.chain, d0.out_pos, d0.vocab, d0.bij))
     t = c0.task
@@ -279,7 +284,7 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
         if chain_acc is not None:
             m["chain_accuracy"] = chain_acc[i]
             m["success"] = float(chain_acc[i] >= 1.0)
-        w = model.instance_weights(i)
+        w = {n: v.cpu() for n, v in model.instance_weights(i).items()}
         w["bij"] = datas[i].bij.clone()
         status = "diverged" if tr["diverged"][i] else "ok"
         results.append(RunResult(metrics=m, weights=w, status=status))
