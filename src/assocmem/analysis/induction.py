@@ -30,8 +30,9 @@ def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
     E, U = m.W_E, m.W_U
     out: dict[str, Tensor] = {}
     M = U @ m.W_O2 @ m.W_V2 @ E.transpose(1, 2)                              # [S, N(j), N(k)]
-    out["wo1"] = (M.argmax(1) == torch.arange(N)).float().mean(1)
-    Q = torch.arange(N) if query_tokens is None else torch.as_tensor(query_tokens).long()
+    dev = E.device
+    out["wo1"] = (M.argmax(1) == torch.arange(N, device=dev)).float().mean(1)
+    Q = torch.arange(N, device=dev) if query_tokens is None else torch.as_tensor(query_tokens, device=dev).long()
     w1 = E @ (m.W_O1 @ m.W_V1).transpose(1, 2)                               # rows w_1(k)
     K = E[:, Q] @ m.W_K2 @ w1.transpose(1, 2)                                # [S, |Q|, N]
     out["wk1"] = (K.argmax(2) == Q).float().mean(1)
@@ -39,16 +40,16 @@ def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
         for name, n in (("wk0", T), ("wk0_64", min(64, T))):
             P = m.P[:, :n]
             A = P[:, 1:] @ m.W_K1 @ P[:, :-1].transpose(1, 2)                # [S, n-1, n-1]
-            out[name] = (A.argmax(2) == torch.arange(n - 1)).float().mean(1)
+            out[name] = (A.argmax(2) == torch.arange(n - 1, device=dev)).float().mean(1)
     elif m.pos == "rel_bias":
         b = m.b_rel[:, 1:T]
         out["wk0"] = out["wk0_64"] = (b[:, 0] > b[:, 1:].max(1).values).float()   # strict: zeros at init fail
     if m.ffn == "linear" and pi_b is not None:
         L = U @ m.W_F @ E.transpose(1, 2)                                    # [S, N(j), N(i)]
         logq = L.transpose(1, 2).log_softmax(-1)                             # [S, i, j]
-        p = pi_b.float()[None]
+        p = pi_b.float().to(dev)[None]
         kl = (p * (torch.log(p.clamp(min=1e-30)) - logq)).sum(-1)             # [S, N]
-        keep = torch.ones(N, dtype=torch.bool)
+        keep = torch.ones(N, dtype=torch.bool, device=dev)
         if trigger_tokens is not None:
             keep[torch.as_tensor(trigger_tokens).long()] = False
         out["ff1"] = kl[:, keep].mean(1)
@@ -88,7 +89,7 @@ def evaluate(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int
             ic = ic & region[:, i:i + chunk]
         # layer-1: position t+1 attends t, where outs[t] >= 1
         a1 = hk["attn1"].argmax(-1)                                          # [S,b,T]
-        prev_ok = (a1[..., 1:] == torch.arange(T - 1)).float()
+        prev_ok = (a1[..., 1:] == torch.arange(T - 1, device=x.device)).float()
         prev_mask = (os_[..., :-1] >= 1).float()
         a2 = hk["attn2"].argmax(-1)
         zprev = torch.gather(xs, 2, (a2 - 1).clamp(min=0))
@@ -96,7 +97,7 @@ def evaluate(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int
         parts = {
             "acc_end": (hit, ic.float()), "loss_head": (ce, ic.float()),
             "loss_bigram": (ce, (os_ == 0).float()), "acc_tot": (hit, (os_ >= 1).float()),
-            "acc_start": (hit, ((os_ >= 1) & (torch.arange(T) < 10)).float()),
+            "acc_start": (hit, ((os_ >= 1) & (torch.arange(T, device=x.device) < 10)).float()),
             "prev_tok": (prev_ok, prev_mask), "prev_tok_all": (prev_ok, torch.ones_like(prev_ok)),
             "ind_attn": (ind_ok, ic.float()),
         }

@@ -55,8 +55,8 @@ def sinusoidal(n: int, d: int) -> Tensor:
 def rope(x: Tensor, theta: float = 10000.0) -> Tensor:
     """Rotary embedding on adjacent coordinate pairs; x [..., T, d] with position = index along T."""
     T, d = x.shape[-2], x.shape[-1]
-    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
-    ang = torch.arange(T, dtype=torch.float32)[:, None] * freq            # [T, d/2]
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    ang = torch.arange(T, dtype=torch.float32, device=x.device)[:, None] * freq   # [T, d/2]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
@@ -70,9 +70,9 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
     return out.view(*idx.shape, table.shape[-1])
 
 
-def causal_mask(T: int, qpos: Tensor | None) -> Tensor:
+def causal_mask(T: int, qpos: Tensor | None, device: torch.device | str = "cpu") -> Tensor:
     """Boolean mask of allowed keys: [T, T] (all queries) or [S, B, Q, T] (queries at qpos)."""
-    s = torch.arange(T)
+    s = torch.arange(T, device=qpos.device if qpos is not None else device)
     if qpos is None:
         return s[None, :] <= s[:, None]
     return s <= qpos[..., None]
@@ -162,9 +162,9 @@ class SimplifiedInduction(nn.Module):
             q1, k1 = rope(q1), rope(k1)
         sc = (q1 @ k1.transpose(-1, -2)) * self._c()                           # [S,B,T,T]
         if self.pos == "rel_bias":
-            off = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).clamp(min=0)
-            sc = sc + self.b_rel[:, off][:, None]
-        sc = sc.masked_fill(~causal_mask(T, None), float("-inf"))
+            t = torch.arange(T, device=z.device)
+            sc = sc + self.b_rel[:, (t[:, None] - t[None, :]).clamp(min=0)][:, None]
+        sc = sc.masked_fill(~causal_mask(T, None, z.device), float("-inf"))
         a1 = sc.float().softmax(-1)
         h1 = x0 + a1 @ v1
         return (h1, a1, x0, sc) if return_scores else (h1, a1, x0)
@@ -182,7 +182,7 @@ class SimplifiedInduction(nn.Module):
             e_q = gather_rows(self.W_E, torch.gather(z, 2, qpos))
         r = q2 @ self.W_K2[:, None]                                              # (W_K2^T q)^T
         sc = (r @ h1.transpose(-1, -2)) * self._c()                           # [S,B,Q,T]
-        sc = sc.masked_fill(~causal_mask(T, qpos), float("-inf"))
+        sc = sc.masked_fill(~causal_mask(T, qpos, z.device), float("-inf"))
         a2 = sc.float().softmax(-1)
         h2 = q2 + (a2 @ h1) @ (self.W_O2 @ self.W_V2).transpose(1, 2)[:, None]
         if self.ffn != "none":
@@ -200,11 +200,11 @@ class SimplifiedInduction(nn.Module):
         """Reference implementation without shortcuts (all positions); logits [S,B,T,N]."""
         S, B, T = z.shape
         c = self._c()
-        x = self.W_E[torch.arange(S)[:, None, None], z]
+        x = self.W_E[torch.arange(S, device=z.device)[:, None, None], z]
         if self.uses_ape:
             x = x + self.P[:, None, :T]
         e = x if not self.uses_ape else x - self.P[:, None, :T]
-        mask = causal_mask(T, None)
+        mask = causal_mask(T, None, z.device)
         for layer in (1, 2):
             WK, WV, WO = (getattr(self, f"W_{m}{layer}") for m in "KVO")
             k = torch.einsum("sij,sbtj->sbti", WK, x)
@@ -213,8 +213,8 @@ class SimplifiedInduction(nn.Module):
                 q, k = rope(q), rope(k)
             sc = torch.einsum("sbti,sbui->sbtu", q, k) * c
             if layer == 1 and self.pos == "rel_bias":
-                off = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).clamp(min=0)
-                sc = sc + self.b_rel[:, off][:, None]
+                t = torch.arange(T, device=z.device)
+                sc = sc + self.b_rel[:, (t[:, None] - t[None, :]).clamp(min=0)][:, None]
             a = sc.masked_fill(~mask, float("-inf")).softmax(-1)
             x = x + torch.einsum("sij,sjk,sbuk,sbtu->sbti", WO, WV, x, a)
         if self.ffn == "linear":
@@ -274,7 +274,7 @@ class GenericTransformer(nn.Module):
         H, d = self.n_heads, self.d_model
         dh = d // H
         x = gather_rows(self.W_E, z) + self.P[:, None, :T]
-        mask = causal_mask(T, None)
+        mask = causal_mask(T, None, z.device)
         hooks = {"resid0": x}
         for l in range(1, self.n_layers + 1):
             p = lambda n: getattr(self, n)  # noqa: E731

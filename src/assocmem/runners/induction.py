@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, Seeds, param
+from ..training import DEVICES, resolve_device
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
+from ..models.induction_fast import loss_logits
 from ..registry import RunResult, TaskSpec
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats, resolve_data_path
 from ..analysis.induction import delayed_batch, evaluate, memory_probes
@@ -66,6 +68,8 @@ class InductionOptimConfig:
     freeze_until: tuple[str, ...] = param((), help="'NAME:STEP' keeps NAME frozen until STEP (e.g. W_K1:300)")
     log_every: int = param(5, lo=1, hi=1_000_000)
     bias_lr_mult: float = param(1.0, lo=0.0, hi=1e6, help="lr multiplier of the RPE bias b_rel (one scalar per offset)")
+    micro_batch: int = param(32, lo=1, hi=65536, help="simplified model: sequences per forward/backward chunk "
+                             "(gradients summed over chunks; equal to one full-batch step up to float rounding)")
 
     def validate(self) -> None:
         for item in self.freeze_until:
@@ -92,6 +96,7 @@ class InductionConfig:
     eval: InductionEvalConfig = dataclasses.field(default_factory=InductionEvalConfig)
     seed: int = param(0, lo=0)
     seeds: Seeds = dataclasses.field(default_factory=Seeds)
+    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
     def validate(self) -> None:
         try:
@@ -163,7 +168,7 @@ def _member_stats(m, logits, y, outs, qpos, valid):
         T = y.shape[-1]
         r = {"loss_head": (ce, ic), "acc_end": (hit, ic), "loss_bigram": (ce, (outs == 0).float()),
              "acc_tot": (hit, (outs >= 1).float()),
-             "acc_start": (hit, ((outs >= 1) & (torch.arange(T) < 10)).float())}
+             "acc_start": (hit, ((outs >= 1) & (torch.arange(T, device=y.device) < 10)).float())}
         return {k: (v * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1) for k, (v, w) in r.items()}, ce
     yq = torch.gather(y, 2, qpos)
     ce = F.cross_entropy(logits.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
@@ -171,6 +176,51 @@ def _member_stats(m, logits, y, outs, qpos, valid):
     hit = (logits.argmax(-1) == yq).float()
     return {"loss_head": (ce * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1),
             "acc_end": (hit * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)}, ce
+
+
+def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, outs: torch.Tensor,
+                 loss: str, micro_batch: int) -> dict[str, torch.Tensor]:
+    """Backward of the per-member mean loss over the whole batch, in chunks of ``micro_batch``
+    sequences (grads accumulate into ``.grad``); returns per-member statistics [S] (detached).
+
+    x, y, outs [S,B,T]. loss ``icl``: mean CE over outs >= 2, logits only at those positions (chunks
+    hold sequences of similar in-context counts, each padded to its own max); ``all``: mean CE over all
+    positions. The normalisers are the full-batch counts, so the accumulated gradient is the full-batch one."""
+    S, B, T = x.shape
+    ic = outs >= 2
+    n_ic = ic.sum((1, 2)).clamp(min=1).float()                              # [S]
+    order = torch.argsort(ic.sum(-1).amax(0), stable=True) if loss == "icl" else torch.arange(B, device=x.device)
+    keys = ("loss_head", "acc_end") if loss == "icl" else ("loss_head", "acc_end", "loss_bigram", "acc_tot", "acc_start")
+    sums = {k: torch.zeros(S, device=x.device) for k in keys + ("loss",)}
+    w_sum = {k: torch.zeros(S, device=x.device) for k in keys}
+    for idx in order.split(micro_batch):
+        xs, ys, os_ = x[:, idx], y[:, idx], outs[:, idx]
+        if loss == "icl":
+            qpos, valid = loss_positions(os_)
+            yq = torch.gather(ys, 2, qpos)
+            lg = loss_logits(model, xs, qpos)
+            ce = F.cross_entropy(lg.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
+            w = valid.float()
+            hit = (lg.detach().argmax(-1) == yq).float()
+            parts = {"loss_head": (ce.detach(), w), "acc_end": (hit, w)}
+            total = (ce * w).sum((1, 2)) / n_ic
+        else:
+            lg = loss_logits(model, xs)
+            ce = F.cross_entropy(lg.flatten(0, 2), ys.flatten(), reduction="none").view(ys.shape)
+            hit = (lg.detach().argmax(-1) == ys).float()
+            first10 = torch.arange(T, device=x.device) < 10
+            parts = {"loss_head": (ce.detach(), (os_ >= 2).float()), "acc_end": (hit, (os_ >= 2).float()),
+                     "loss_bigram": (ce.detach(), (os_ == 0).float()), "acc_tot": (hit, (os_ >= 1).float()),
+                     "acc_start": (hit, ((os_ >= 1) & first10).float())}
+            total = ce.sum((1, 2)) / (B * T)
+        for k, (v, m) in parts.items():
+            sums[k] += (v * m).sum((1, 2))
+            w_sum[k] += m.sum((1, 2))
+        sums["loss"] += total.detach()
+        total.sum().backward()
+    out = {k: sums[k] / w_sum[k].clamp(min=1) for k in keys}
+    out["loss"] = sums["loss"]
+    return out
 
 
 def first_step(steps: list[int], values: list[float], level: float) -> float:
@@ -192,7 +242,8 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     ds = make_dataset(cfg, "train")
     ds_test = make_dataset(cfg, "test")
     st = ds.stats
-    model = build_model(cfg, g_init, st.N)
+    dev = resolve_device(cfg.device)
+    model = build_model(cfg, g_init, st.N).to(dev)
     simplified = isinstance(model, SimplifiedInduction)
     o = cfg.optim
     params = dict(model.named_parameters())
@@ -210,10 +261,10 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
             raise ConfigError(f"optim.freeze_until: {name!r} is not a trained parameter (allowed: {', '.join(params)})")
         freeze[name] = int(step)
     # fixed test batch (eval stream); OOD split: test outputs from the held-out range
-    xt, yt, ot, _ = _stack_batches(ds_test, cfg.eval.batch, g_eval)
+    xt, yt, ot = (t.to(dev) for t in _stack_batches(ds_test, cfg.eval.batch, g_eval)[:3])
     xi, yi, oi = (xt, yt, ot)
-    if cfg.task.outputs == "ood":
-        xi, yi, oi, _ = _stack_batches(ds, cfg.eval.batch, g_eval)   # in-distribution outputs too
+    if cfg.task.outputs == "ood":   # in-distribution outputs too
+        xi, yi, oi = (t.to(dev) for t in _stack_batches(ds, cfg.eval.batch, g_eval)[:3])
     query_tokens = ds.fixed if cfg.task.fixed_triggers else None
     curves: dict[str, list] = {"step": []}
     ecurves: dict[str, list] = {"step": []}
@@ -245,24 +296,22 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                 curves["step"].append(step)
             break
         x, y, outs, _ = _stack_batches(ds, o.batch, g_train)
-        all_pos = o.loss == "all" or log or not simplified
-        if simplified and not all_pos:
-            qpos, valid = loss_positions(outs)
-            logits = model(x, qpos)
-            stats, ce = _member_stats(model, logits, y, outs, qpos, valid)
-            per = stats["loss_head"]
-        else:
-            logits = model(x) if simplified else model(x)
-            stats, ce = _member_stats(model, logits, y, outs, None, None)
-            if o.loss == "all":
-                per = ce.mean((1, 2))
-            else:
-                per = stats["loss_head"]
-        finite = torch.isfinite(per.detach())
-        alive &= finite
-        total = per[alive].sum() if alive.any() else per.sum() * 0
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        if simplified:
+            stats = chunked_step(model, x.to(dev), y.to(dev), outs.to(dev), o.loss, o.micro_batch)
+            per = stats.pop("loss")
+            alive &= torch.isfinite(per).cpu()
+            for p in params.values():   # members are independent: zero the grads of diverged ones
+                if p.grad is not None and not bool(alive.all()):
+                    p.grad[~alive.to(dev)] = 0.0
+        else:
+            x, y, outs = x.to(dev), y.to(dev), outs.to(dev)
+            logits = model(x)
+            stats, ce = _member_stats(model, logits, y, outs, None, None)
+            per = ce.mean((1, 2)) if o.loss == "all" else stats["loss_head"]
+            alive &= torch.isfinite(per.detach()).cpu()
+            total = per[alive.to(dev)].sum() if alive.any() else per.sum() * 0
+            total.backward()
         for name, until in freeze.items():
             if step < until:
                 params[name].grad = None
@@ -285,7 +334,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
         gl = [torch.Generator().manual_seed(s.eval + Tt) for s in seeds]
         bs = [delayed_batch(ds_test if cfg.task.outputs == "ood" else ds, cfg.eval.long_batch, Tt - cfg.task.T, g)
               for g in gl]
-        xs, ys, os_ = (torch.stack([getattr(b, f) for b in bs]) for f in ("x", "y", "outs"))
+        xs, ys, os_ = (torch.stack([getattr(b, f) for b in bs]).to(dev) for f in ("x", "y", "outs"))
         model.eval()
         long[Tt] = evaluate(model, xs, ys, os_, chunk=max(1, cfg.eval.chunk * cfg.task.T // Tt), bucket=cfg.eval.bucket)
     results = []
@@ -314,7 +363,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
         met["bucket_acc"] = final["bucket_acc"][i].tolist()
         met["curves"] = {k: ([pick(x) for x in v] if k != "step" else v) for k, v in curves.items()}
         met["eval_curves"] = {k: ([pick(x) for x in v] if k != "step" else v) for k, v in ecurves.items()}
-        weights = {k: v[i].detach().clone() for k, v in model.state_dict().items()}
+        weights = {k: v[i].detach().cpu().clone() for k, v in model.state_dict().items()}
         bad = not bool(alive[i]) or not all(torch.isfinite(w).all() for w in weights.values())
         results.append(RunResult(met, weights, status="diverged" if bad else "ok"))
     return results

@@ -1,0 +1,81 @@
+"""Fast training path == plain maths: logits and gradients of ``loss_logits`` and ``chunked_step``."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from assocmem.models.induction import SimplifiedInduction
+from assocmem.models.induction_fast import loss_logits, supports_fast
+from assocmem.runners.induction import chunked_step, loss_positions
+from assocmem.tasks.induction import TriggerBigram, load_stats
+
+
+def _model(pos, ffn, d=32, n_ctx=64):
+    m = SimplifiedInduction([torch.Generator().manual_seed(i) for i in range(2)], 65, d, n_ctx, pos=pos, ffn=ffn)
+    with torch.no_grad():   # non-trivial trained-looking weights (init W_K are tiny)
+        g = torch.Generator().manual_seed(7)
+        for name in m.trainable:
+            p = getattr(m, name)
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if name == "b_rel" else 0.1))
+    return m
+
+
+def _grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("pos", ["ape", "ape_sinusoidal", "rel_bias", "none", "rope"])
+@pytest.mark.parametrize("ffn", ["none", "linear", "mlp"])
+def test_loss_logits_and_grads_equal_naive(pos, ffn):
+    m = _model(pos, ffn)
+    assert supports_fast(m) == (pos != "rope" and ffn != "mlp")
+    z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
+    qpos = torch.randint(0, 40, (2, 3, 6), generator=torch.Generator().manual_seed(2))
+    tgt = torch.randint(0, 65, (2, 3, 6), generator=torch.Generator().manual_seed(3))
+    ref_all = m.naive_forward(z)
+    ref = torch.gather(ref_all, 2, qpos[..., None].expand(-1, -1, -1, 65))
+    F.cross_entropy(ref.flatten(0, 2), tgt.flatten()).backward()
+    g_ref = _grads(m)
+    m.zero_grad()
+    fast = loss_logits(m, z, qpos)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
+    for n, g in _grads(m).items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stats(shared_data):
+    return load_stats(str(shared_data / "tinyshakespeare" / "input.txt"))
+
+
+@pytest.mark.parametrize("pos,ffn,loss", [("ape", "none", "icl"), ("rel_bias", "linear", "all"),
+                                          ("ape", "linear", "all")])
+def test_chunked_step_equals_full_batch_step(stats, pos, ffn, loss):
+    """Micro-batched backward (sorted chunks, per-chunk padding) == one full-batch backward of the
+    per-member mean loss, for a stack of 2 members."""
+    ds = TriggerBigram(stats, 48, 5, True)
+    bs = [ds.sample(10, torch.Generator().manual_seed(i)) for i in range(2)]
+    x, y, outs = (torch.stack([getattr(b, f) for b in bs]) for f in ("x", "y", "outs"))
+    m = _model(pos, ffn)
+    lg = m.naive_forward(x)
+    ce = F.cross_entropy(lg.flatten(0, 2), y.flatten(), reduction="none").view(y.shape)
+    w = (outs >= 2).float() if loss == "icl" else torch.ones_like(ce)
+    per = (ce * w).sum((1, 2)) / w.sum((1, 2))
+    per.sum().backward()
+    g_ref = _grads(m)
+    m.zero_grad()
+    st = chunked_step(m, x, y, outs, loss, micro_batch=3)
+    torch.testing.assert_close(st["loss"], per.detach(), atol=1e-5, rtol=1e-5)
+    acc = ((lg.argmax(-1) == y).float() * (outs >= 2)).sum((1, 2)) / (outs >= 2).sum((1, 2))
+    torch.testing.assert_close(st["acc_end"], acc, atol=1e-6, rtol=0)
+    for n, g in _grads(m).items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_loss_positions_pad_per_chunk():
+    outs = torch.tensor([[[0, 2, 0, 3], [0, 0, 0, 2]]])
+    qpos, valid = loss_positions(outs)
+    assert qpos.shape == (1, 2, 2)
+    assert qpos[0, 0].tolist() == [1, 3] and valid[0, 1].tolist() == [True, False] and qpos[0, 1, 0] == 3
