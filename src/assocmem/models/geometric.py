@@ -135,3 +135,48 @@ class StackedTransformer(nn.Module):
         """Logits [S, B, P, n_out] at positions out_pos = (start, stop)."""
         z = _ln(self.final_residual(tokens, out_pos, x), self.layernorm)
         return torch.einsum("sbpd,sod->sbpo", z, self.W_U)
+
+
+class UnembedCrossEntropy(torch.autograd.Function):
+    """Fused unembedding + cross-entropy: per-query loss lse(z W_U^T) - (z W_U^T)[target].
+
+    Equal to ``F.cross_entropy(z @ W_U^T, target, reduction="none")`` (tested) but makes fewer passes over
+    the [S, B, n_out] logits, which dominate a full-batch step at large N: the softmax is formed in
+    place in the logits buffer and kept for the backward pass (no separate log-softmax, zero-filled
+    gradient or nll buffers).
+
+    z [S, B, d], W_U [S, n_out, d], target [S, B] long (IGNORE = -1 rows give loss 0 and no gradient)
+    -> (loss [S, B], correct [S, B] bool or None).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, W_U: Tensor, target: Tensor, with_acc: bool):  # type: ignore[override]
+        logits = torch.bmm(z, W_U.transpose(1, 2))                         # [S, B, n_out]
+        tgt = target.clamp_min(0)[..., None]
+        true = logits.gather(2, tgt)[..., 0]
+        correct = None
+        mx, arg = logits.max(2, keepdim=True)
+        if with_acc:
+            correct = (arg[..., 0] == target)
+        p = logits.sub_(mx).exp_()                                          # unnormalised softmax, in place
+        se = p.sum(2)
+        loss = (mx[..., 0] + se.log() - true) * (target >= 0)
+        ctx.save_for_backward(p, se, z, W_U, target)
+        ctx.mark_non_differentiable(*(() if correct is None else (correct,)))
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, _g_correct=None):  # type: ignore[override]
+        p, se, z, W_U, target = ctx.saved_tensors
+        scale = g_loss * (target >= 0) / se                                 # [S, B]
+        p.mul_(scale[..., None])                                            # softmax * upstream gradient
+        p.scatter_add_(2, target.clamp_min(0)[..., None], -(g_loss * (target >= 0))[..., None])
+        g_z = torch.bmm(p, W_U) if ctx.needs_input_grad[0] else None
+        g_U = torch.bmm(p.transpose(1, 2), z) if ctx.needs_input_grad[1] else None
+        return g_z, g_U, None, None
+
+
+def unembed_cross_entropy(z: Tensor, W_U: Tensor, target: Tensor, with_acc: bool = True
+                          ) -> tuple[Tensor, Tensor | None]:
+    """See :class:`UnembedCrossEntropy`; z [S, B, d] -> (loss [S, B], correct [S, B] or None)."""
+    return UnembedCrossEntropy.apply(z, W_U, target, with_acc)
