@@ -102,7 +102,7 @@ def test_cot_construction_any_depth(N):
         assert float(_acc(W, multi_hop(bij, k, k, True, chains))["accuracy"]) == 1.0
 
 
-@pytest.mark.parametrize("N", [256, 1024])
+@pytest.mark.parametrize("N", [256, 1024, pytest.param(4096, marks=pytest.mark.slow)])
 def test_nocot_construction(N):
     for k, R in [(2, 2), (2, 3), (3, 2), (2, 4)]:
         bij = draw_bijections(N, R, gen(N + k + R))
