@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from assocmem.config import replace
-from assocmem.models.lca import LCAModel
+from assocmem.models.lca import LCAModel, log_counts
 from assocmem.registry import get_task
 from assocmem.runners.lca import model_from_weights
-from assocmem.tasks.lca import LCATask
+from assocmem.tasks.lca import LCATask, counts
 
 SPEC = get_task("lca")
 
@@ -18,12 +18,13 @@ def _model(S=2, m=4, d=8, **kw):
     return LCAModel.init(S, 2 ** m + 1, d, gens, **kw)
 
 
+@pytest.mark.parametrize("d", [12, 4])   # d = 4: the (a @ values) @ W_E^T order (2d < V+1); 12: via M
 @pytest.mark.parametrize("kw", [{}, {"identity_W_V": True}, {"train_embeddings": False},
-                                {"uniform_attention": True}])
-def test_count_path_equals_plain_path_logits_and_grads(kw):
+                                {"uniform_attention": True}, {"uniform_attention": True, "identity_W_V": True}])
+def test_count_path_equals_plain_path_logits_and_grads(kw, d):
     torch.manual_seed(0)
     m, S = 4, 2
-    model = _model(S, m, 8, **kw)
+    model = _model(S, m, d, **kw)
     with torch.no_grad():   # make scores large enough that the max-subtraction matters
         if not kw.get("uniform_attention"):
             model.W_Q.mul_(3.0)
@@ -32,16 +33,26 @@ def test_count_path_equals_plain_path_logits_and_grads(kw):
     x = torch.stack([task.sample(32, g)[0] for _ in range(S)])
     t = torch.randint(2 ** m, (S, 32), generator=g)
     out = {}
-    for path in ("plain", "count"):
+    V = 2 ** m
+    log_c = log_counts(counts(x, V), x.shape[-1])   # keys restricted to the V real tokens, as in training
+    for path in ("plain", "count", "count_trimmed", "count_by_hand"):
         model.zero_grad()
-        logits = model(x, path)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten())
-        loss.backward()
-        out[path] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(out["count"][0], out["plain"][0], atol=1e-5, rtol=1e-5)
-    assert out["count"][1].keys() == out["plain"][1].keys() and out["plain"][1]
-    for name in out["plain"][1]:
-        torch.testing.assert_close(out["count"][1][name], out["plain"][1][name], atol=1e-5, rtol=1e-4)
+        if path == "count_by_hand":
+            loss = model.count_loss_backward(log_c, x[..., -1], t).sum()
+            logits = model.forward_counts(log_c, x[..., -1]).detach()
+        else:
+            logits = model.forward_counts(log_c, x[..., -1]) if path == "count_trimmed" else model(x, path)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none")
+            loss = loss.view(S, -1).mean(1).sum()      # members' mean losses, summed (as in training)
+            loss.backward()
+        out[path] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                     loss.item())
+    for path in ("count", "count_trimmed", "count_by_hand"):
+        assert out[path][2] == pytest.approx(out["plain"][2], rel=1e-5)
+        torch.testing.assert_close(out[path][0], out["plain"][0], atol=1e-5, rtol=1e-5)
+        assert out[path][1].keys() == out["plain"][1].keys() and out["plain"][1]
+        for name in out["plain"][1]:
+            torch.testing.assert_close(out[path][1][name], out["plain"][1][name], atol=1e-5, rtol=1e-4)
 
 
 def test_plain_path_matches_per_position_definition():
@@ -71,10 +82,17 @@ def _cfg(**flat):
 
 
 @pytest.mark.parametrize("flat", [{}, {"model.W_V": "identity"}, {"model.embeddings": "frozen"}])
-def test_ensemble_member_equals_single_run(flat):
-    cfgs = [_cfg(seed=s, **flat) for s in range(3)]
-    stacked = SPEC.run_stack(cfgs)
-    for i in (0, 2):
+@pytest.mark.parametrize("threads", [1, 2])   # 2: the stack trains as two parallel parts (run_split)
+def test_ensemble_member_equals_single_run(flat, threads):
+    cfgs = [_cfg(seed=s, **flat) for s in range(4)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stacked = SPEC.run_stack(cfgs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    for i in (0, 3):
         single = SPEC.run(cfgs[i])
         assert single.metrics["accuracy"] == stacked[i].metrics["accuracy"]
         for k in single.weights:

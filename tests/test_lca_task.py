@@ -1,4 +1,6 @@
 """The LCA generator against its definition (lca.md, Data)."""
+import math
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -77,15 +79,20 @@ def test_noise_fraction_and_noise_is_uniform():
 
 def test_sampler_is_seeded_and_draw_decode_split_agrees():
     task = LCATask(6, 32)
-    a = task.sample(64, torch.Generator().manual_seed(5))
-    b = task.sample(64, torch.Generator().manual_seed(5))
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a = task.sample(64, gen(5))
+    b = task.sample(64, gen(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    t, u = task.draw(64, torch.Generator().manual_seed(5))
-    assert torch.equal(task.decode(t, u), a[0])
-    # decode is elementwise over leading dims: a stack of two equals two separate calls
-    t2, u2 = task.draw(64, torch.Generator().manual_seed(6))
-    both = task.decode(torch.stack([t, t2]), torch.stack([u, u2]))
-    assert torch.equal(both[1], task.decode(t2, u2))
+    g = gen(5)
+    t, k = task.draw(64, g)
+    assert torch.equal(task.decode(t, k, g), a[0])
+    # a stack decoded with one generator per instance == each instance decoded alone
+    g5, g6 = gen(5), gen(6)
+    (t5, k5), (t6, k6) = task.draw(64, g5), task.draw(64, g6)
+    both = task.decode(torch.stack([t5, t6]), torch.stack([k5, k6]), [g5, g6])
+    g = gen(6)
+    t, k = task.draw(64, g)
+    assert torch.equal(both[1], task.decode(t, k, g)) and torch.equal(both[0], a[0])
 
 
 def test_mixing_rate_extremes_and_fraction():
@@ -93,3 +100,52 @@ def test_mixing_rate_extremes_and_fraction():
     xa, xb = torch.zeros(1000, 50, dtype=torch.long), torch.ones(1000, 50, dtype=torch.long)
     assert torch.equal(mix(xa, xb, 0.0, g), xa) and torch.equal(mix(xa, xb, 1.0, g), xb)
     assert abs(mix(xa, xb, 0.3, g).float().mean().item() - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("m", [3, 6, 10])
+def test_cell_table_is_the_alias_method_exactly(m):
+    """Cells + lazily drawn fraction bits == the plain alias test on the same 63 bits, and the
+    tables' implied law == the target law."""
+    task = LCATask(m, 4)
+    cells = task.cells
+    C = 2 * task.V
+    b = C.bit_length() - 1
+    g = torch.Generator().manual_seed(m)
+    k = torch.randint(2 ** cells.index_bits, (50_000,), generator=g)
+    low = torch.empty(50_000, dtype=torch.long).random_(0, 2 ** cells.low_bits, generator=g)
+    # force many draws into straddling cells, where the fraction bits decide
+    straddle = (cells.fixed[:2 ** cells.index_bits] < 0).nonzero().squeeze(1)
+    k[:20_000] = straddle[torch.randint(len(straddle), (20_000,), generator=g)]
+    asked = []
+    j = cells.sample(k, lambda idx: asked.append(idx) or low[idx])
+    assert len(asked) == 1 and (k[asked[0]].unsqueeze(1) == straddle).any(1).all()
+    r = (k << cells.low_bits) | low                                    # the same 63 bits, in one integer
+    target = torch.cat([task.rho * task.p[0], torch.full((task.V,), (1 - task.rho) / task.V, dtype=torch.float64)])
+    prob, alias = alias_table(target)
+    col, frac = r >> (63 - b), r & (2 ** (63 - b) - 1)
+    theta = torch.tensor([math.ceil(v * 2.0 ** (63 - b)) for v in prob.tolist()])
+    assert torch.equal(j, torch.where(frac < theta[col], col, alias[col]))
+    # implied law of table 0, cell by cell: fixed cells carry 2^-index_bits, straddling ones split
+    n = 2 ** cells.index_bits
+    law = torch.zeros(C, dtype=torch.float64)
+    fixed = cells.fixed[:n]
+    law.index_add_(0, fixed[fixed >= 0], torch.full(((fixed >= 0).sum(),), 1.0 / n, dtype=torch.float64))
+    s = (fixed < 0).nonzero().squeeze(1)
+    keep = cells.residual[s].double() / 2.0 ** cells.low_bits / n
+    law.index_add_(0, cells.keep_id[s], keep).index_add_(0, cells.alias_id[s], 1.0 / n - keep)
+    torch.testing.assert_close(law, target, atol=1e-15, rtol=0)
+
+
+def test_cell_draws_are_uniform_and_independent_across_packed_fields():
+    """Several cells are cut from one random word: each field uniform, neighbours independent, and a
+    buffer whose size is not a multiple of the fields per word filled too."""
+    cells = LCATask(6, 4).cells
+    f, bits = 4, cells.index_bits
+    k = torch.full((40_001,), -1, dtype=torch.long)
+    cells.draw(k, torch.Generator().manual_seed(0))
+    assert k.min() >= 0 and k.max() < 2 ** bits
+    top = k[:40_000].view(-1, f) >> (bits - 3)                   # 8 bins per field
+    for i in range(f):
+        assert chisquare(torch.bincount(top[:, i], minlength=8).numpy()).pvalue > 1e-3
+    joint = top[:, 0] * 8 + top[:, 1]                            # two fields of one word: 64 joint bins
+    assert chisquare(torch.bincount(joint, minlength=64).numpy()).pvalue > 1e-3

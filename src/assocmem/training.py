@@ -1,7 +1,9 @@
 """Shared training pieces: the optimiser config and helpers for stacked (instance-batched) models."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -100,3 +102,27 @@ def finite_members(*tensors: torch.Tensor) -> torch.Tensor:
         f = torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(1)
         ok = f if ok is None else ok & f
     return ok
+
+
+def run_split(run_stack: Callable[[Sequence], list], configs: Sequence, min_size: int = 2) -> list:
+    """Run a stack of same-shaped configs as contiguous parts in parallel threads, one per torch
+    thread, each part single-threaded inside torch; results in the order of ``configs``.
+
+    Small stacked ops gain little from torch's intra-op threads (their sync costs about as much as the
+    work), while independent parts of a stack keep every core busy: their kernels release the GIL.
+    Members are independent, so the results equal one stack's (and each single run's). Used by the
+    CPU ``run_stack`` of each task when torch has >= 2 threads and the stack has >= 2 * ``min_size``
+    members; a sweep worker process with one torch thread runs its stack whole.
+    """
+    threads = torch.get_num_threads()
+    n = min(threads, len(configs) // min_size)
+    if n < 2:
+        return run_stack(configs)
+    bounds = [round(i * len(configs) / n) for i in range(n + 1)]
+    parts = [configs[a:b] for a, b in zip(bounds, bounds[1:])]
+    torch.set_num_threads(1)          # threads started from here initialise torch with one thread
+    try:
+        with cf.ThreadPoolExecutor(n) as pool:
+            return [r for part in pool.map(run_stack, parts) for r in part]
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ Shapes: W_E [S, V+1, d]; W_Q, W_K, W_V [S, d, d]; tokens x [S, B, L]; logits [S,
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,11 +26,16 @@ def linear_init(S: int, d: int, g: torch.Generator) -> Tensor:
     return (torch.rand(S, d, d, generator=g) * 2 - 1) / math.sqrt(d)
 
 
-def log_counts(c: Tensor) -> Tensor:
-    """log of non-negative integer counts (log 0 = -inf) by table lookup: torch.log is ~15x slower
-    on tensors with many zeros."""
+@functools.lru_cache(maxsize=16)
+def _log_table(n: int) -> Tensor:
+    return torch.log(torch.arange(n + 1, dtype=torch.float32))
+
+
+def log_counts(c: Tensor, n_max: int | None = None) -> Tensor:
+    """log of non-negative integer counts (log 0 = -inf) by table lookup (torch.log is ~15x slower on
+    tensors with many zeros). ``n_max`` bounds the counts (e.g. the context length), saving a pass."""
     c = c.long()
-    table = torch.log(torch.arange(int(c.max()) + 1, dtype=torch.float32, device=c.device))
+    table = _log_table(int(c.max()) if n_max is None else n_max).to(c.device)
     return table.index_select(0, c.view(-1)).view(c.shape)
 
 
@@ -63,14 +69,17 @@ class LCAModel(nn.Module):
                    train_embeddings=train_embeddings, uniform_attention=uniform_attention)
 
     # --- value rows and attention scores over the vocabulary -------------------------------
-    def values(self) -> Tensor:
-        """[S, V+1, d] value vector of every vocabulary token (W_V E[v])."""
-        return self.W_E if self.W_V is None else self.W_E @ self.W_V.transpose(1, 2)
+    def values(self, n_keys: int | None = None) -> Tensor:
+        """[S, K, d] value vectors W_V E[v] of the first K tokens (default all V+1)."""
+        keys = self.W_E if n_keys is None else self.W_E[:, :n_keys]
+        return keys if self.W_V is None else keys @ self.W_V.transpose(1, 2)
 
-    def score_table(self) -> Tensor:
-        """[S, V+1, V+1] attention logits q(query token) . k(key token) / sqrt(d)."""
+    def score_table(self, n_keys: int | None = None) -> Tensor:
+        """[S, V+1, K] attention logits q(query token) . k(key token) / sqrt(d) for the first K keys
+        (default all V+1)."""
+        keys = self.W_E if n_keys is None else self.W_E[:, :n_keys]
         Qv = self.W_E @ self.W_Q.transpose(1, 2)
-        Kv = self.W_E @ self.W_K.transpose(1, 2)
+        Kv = keys @ self.W_K.transpose(1, 2)
         return Qv @ Kv.transpose(1, 2) / math.sqrt(self.d_model)
 
     # --- forward paths -----------------------------------------------------------------------
@@ -86,28 +95,106 @@ class LCAModel(nn.Module):
         o = torch.einsum("sbl,sbld->sbd", a, v)
         return o @ self.W_E.transpose(1, 2)
 
-    def forward_counts(self, c: Tensor, last: Tensor) -> Tensor:
+    def forward_counts(self, log_c: Tensor, last: Tensor) -> Tensor:
         """Exact count-based forward: o depends only on token counts and the query token.
 
-        c [S, B, V+1] integer counts of x_1..x_L (the last token included); last [S, B] query ids.
+        log_c [S, B, K] log counts of tokens 0..K-1 in x_1..x_L (the last token included; log 0 =
+        -inf); tokens >= K must not occur (the samplers never emit the unknown token, so they pass
+        K = V and the unknown key is skipped). last [S, B] query ids.
         o = sum_v a_v W_V E[v] with a = softmax(s + log c), s_v = score(last, v): the count-weighted
-        softmax c_v e^{s_v} / sum c e^s (absent tokens get log 0 = -inf, weight 0). With
-        M = values @ W_E^T [S, V+1, V+1] built once per step, logits = a @ M: one B x V x V product per
-        step instead of L x d^2 work per sequence. tests/test_lca_model.py proves equal logits and
-        gradients to :meth:`forward_plain`.
+        softmax c_v e^{s_v} / sum c e^s. With M = values @ W_E^T [S, K, V+1] built once per step,
+        logits = a @ M: one B x K x (V+1) product per step instead of L x d^2 work per sequence.
+        tests/test_lca_model.py proves equal logits and gradients to :meth:`forward_plain`.
         """
-        s = self.score_table().gather(1, last[..., None].expand(-1, -1, self.vocab_size))  # [S,B,V+1]
-        a = torch.softmax(s + log_counts(c), dim=-1)
+        S, B, K = log_c.shape
+        table = self.score_table(K)                                                    # [S, V+1, K]
+        rows = last + torch.arange(S, device=last.device)[:, None] * self.vocab_size
+        s = table.reshape(S * self.vocab_size, K).index_select(0, rows.view(-1)).view(S, B, K)
+        a = torch.softmax(s + log_c, dim=-1)
+        values = self.values(K)
         if 2 * self.d_model < self.vocab_size:   # cheaper order when d is small: (a @ values) @ W_E^T
-            return (a @ self.values()) @ self.W_E.transpose(1, 2)
-        M = self.values() @ self.W_E.transpose(1, 2)
-        return a @ M
+            return (a @ values) @ self.W_E.transpose(1, 2)
+        return a @ (values @ self.W_E.transpose(1, 2))
+
+    @torch.no_grad()
+    def count_loss_backward(self, log_c: Tensor, last: Tensor, t: Tensor) -> Tensor:
+        """Training step of the count path with hand-written gradients: the per-instance mean
+        cross-entropy of :meth:`forward_counts` against targets t [S, B], returned as [S], with its
+        gradient written into ``.grad`` of every trainable parameter. The same maths as autograd
+        through :meth:`forward_counts` (tests/test_lca_model.py proves equal grads to the plain
+        path), in fewer passes: one projection E [W_Q; W_K; W_V]^T for all three maps, the softmax
+        cross-entropy gradient p - onehot(t) formed in place, no autograd graph.
+        """
+        S, B, K = log_c.shape
+        V1, d = self.vocab_size, self.d_model
+        E, attn = self.W_E, not self.uniform_attention
+        mats = ([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else [])
+        W_cat = torch.cat(mats, 1) if mats else None                                   # [S, n d, d]
+        P = E @ W_cat.transpose(1, 2) if mats else None                                # [S, V+1, n d]
+        Vv = P[:, :K, -d:] if self.W_V is not None else E[:, :K]                       # [S, K, d] values
+        scale = 1.0 / math.sqrt(d)
+        if attn:
+            Qv, Kv = P[..., :d], P[:, :K, d:2 * d]
+            table = Qv @ Kv.transpose(1, 2)                                            # [S, V+1, K] / scale
+            rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
+            s = table.view(S * V1, K).index_select(0, rows).view(S, B, K)
+            a = torch.softmax(s.mul_(scale).add_(log_c), dim=-1)
+        else:
+            a = torch.softmax(log_c, dim=-1)
+        via_d = 2 * d < V1
+        if via_d:
+            o = a @ Vv                                                                 # [S, B, d]
+            z = o @ E.transpose(1, 2)
+        else:
+            M = Vv @ E.transpose(1, 2)                                                 # [S, K, V+1]
+            z = a @ M                                                                  # [S, B, V+1]
+        # cross-entropy and its gradient G = (softmax(z) - onehot(t)) / B, per instance mean
+        flat_t = (t + torch.arange(S * B, device=t.device).view(S, B) * V1).view(-1)
+        z_t = z.view(-1).index_select(0, flat_t).view(S, B)
+        z_max = z.amax(-1, keepdim=True)
+        G = z.sub_(z_max).exp_()
+        total = G.sum(-1, keepdim=True)
+        loss = (total.log().add_(z_max).squeeze(-1) - z_t).mean(1)
+        G.div_(total)
+        G.view(-1).index_add_(0, flat_t, torch.full_like(flat_t, -1.0, dtype=G.dtype))
+        G.mul_(1.0 / B)
+        if via_d:
+            dE = G.transpose(1, 2) @ o                                                 # [S, V+1, d]
+            do = G @ E
+            da = do @ Vv.transpose(1, 2)                                               # [S, B, K]
+            dVv = a.transpose(1, 2) @ do                                               # [S, K, d]
+        else:
+            dM = a.transpose(1, 2) @ G                                                 # [S, K, V+1]
+            da = G @ M.transpose(1, 2)
+            dVv = dM @ E
+            dE = dM.transpose(1, 2) @ Vv
+        if mats:
+            dP = torch.zeros_like(P)
+        if attn:
+            ds = (da - (a * da).sum(-1, keepdim=True)).mul_(a)                         # softmax backward
+            dtable = torch.zeros(S * V1, K, dtype=ds.dtype, device=ds.device)
+            dtable = dtable.index_add_(0, rows, ds.view(S * B, K)).view(S, V1, K).mul_(scale)
+            dP[..., :d] = dtable @ Kv
+            dP[:, :K, d:2 * d] = dtable.transpose(1, 2) @ Qv
+        if self.W_V is not None:
+            dP[:, :K, -d:] = dVv
+        else:
+            dE[:, :K] += dVv
+        if mats:
+            dE += dP @ W_cat
+            dW = dP.transpose(1, 2) @ E                                                # [S, n d, d]
+            for W, g in zip(mats, dW.split(d, 1)):
+                W.grad = g
+        if E.requires_grad:
+            E.grad = dE
+        return loss
 
     def forward(self, x: Tensor, path: str = "count") -> Tensor:
         """x [S, B, L] -> logits [S, B, V+1] via the ``count`` (default) or ``plain`` path."""
         if path == "plain":
             return self.forward_plain(x)
-        return self.forward_counts(token_counts(x, self.vocab_size, torch.long), x[..., -1])
+        return self.forward_counts(log_counts(token_counts(x, self.vocab_size, torch.long), x.shape[-1]),
+                                   x[..., -1])
 
     def attention_map(self, n_real: int) -> Tensor:
         """[S, n, n] softmax_j(q_i . k_j / sqrt d) over the first n real tokens fed as one unmasked

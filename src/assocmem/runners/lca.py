@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, Seeds, param
-from ..models.lca import LCAModel
+from ..models.lca import LCAModel, log_counts
 from ..registry import RunResult, TaskSpec
-from ..tasks.lca import LCATask, task_for
-from ..training import DEVICES, OptimConfig, finite_members, make_optimizer, resolve_device
+from ..tasks.lca import LCATask, counts, task_for
+from ..training import DEVICES, OptimConfig, finite_members, make_optimizer, resolve_device, run_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +83,30 @@ def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator],
     """One batch per instance from its own generator: x [S, B, L], t [S, B] (drawn on the CPU)."""
     S = len(generators)
     t = torch.empty(S, batch, dtype=torch.long)
-    u = torch.empty(S, batch, task.L, dtype=torch.float64)
+    k = torch.empty(S, batch, task.L, dtype=torch.long)
     for i, g in enumerate(generators):
-        task.draw(batch, g, out=(t[i], u[i]))
-    return task.decode(t, u).to(device), t.to(device)
+        task.draw(batch, g, out=(t[i], k[i]))
+    return task.decode(t, k, generators).to(device), t.to(device)
+
+
+def sample_counts(task: LCATask, batch: int, generators: list[torch.Generator],
+                  device: torch.device | str = "cpu"):
+    """The same draws as :func:`sample_stack`, reduced to what the count path needs:
+    log counts of the V real tokens [S, B, V], query ids [S, B], targets [S, B]."""
+    x, t = sample_stack(task, batch, generators)
+    log_c = log_counts(counts(x, task.V, torch.long), task.L)
+    return log_c.to(device), x[..., -1].to(device), t.to(device)
+
+
+def logits_and_targets(model: LCAModel, task: LCATask, batch: int, generators: list[torch.Generator],
+                       path: str):
+    """Draw a batch per instance and run the model on it: (logits [S, B, V+1], targets [S, B])."""
+    device = model.W_E.device
+    if path == "plain":
+        x, t = sample_stack(task, batch, generators, device)
+        return model.forward_plain(x), t
+    log_c, last, t = sample_counts(task, batch, generators, device)
+    return model.forward_counts(log_c, last), t
 
 
 @torch.no_grad()
@@ -99,8 +119,7 @@ def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], 
     done = 0
     while done < n:
         b = min(chunk, n - done)
-        x, t = sample_stack(task, b, generators, device)
-        logits = model(x, path)
+        logits, t = logits_and_targets(model, task, b, generators, path)
         hits += (logits.argmax(-1) == t).sum(1)
         loss += F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(model.S, b).double().sum(1)
         done += b
@@ -108,7 +127,14 @@ def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], 
 
 
 def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
-    """Train S same-shaped configs (differing only in seeds) as one stacked model."""
+    """Train S same-shaped configs (differing only in seeds) as one stacked model; on the CPU with
+    several torch threads, as parallel parts (:func:`~assocmem.training.run_split`)."""
+    if resolve_device(configs[0].device).type == "cpu":
+        return run_split(_run_stack, configs)
+    return _run_stack(configs)
+
+
+def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     cfg = configs[0]
     seeds = [c.seeds.resolve(c.seed) for c in configs]
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
@@ -120,11 +146,14 @@ def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     S, B = len(configs), cfg.optim.batch_size
     recent = torch.zeros(S, device=device)
     for step in range(cfg.optim.steps):
-        x, t = sample_stack(task, B, train_g, device)
-        logits = model(x, cfg.model.path)
-        loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none").view(S, B).mean(1)
         opt.zero_grad()
-        loss.sum().backward()
+        if cfg.model.path == "count":        # hand-written gradients, equal to autograd's (tested)
+            loss = model.count_loss_backward(*sample_counts(task, B, train_g, device))
+        else:
+            x, t = sample_stack(task, B, train_g, device)
+            loss = F.cross_entropy(model.forward_plain(x).flatten(0, 1), t.flatten(), reduction="none")
+            loss = loss.view(S, B).mean(1)
+            loss.sum().backward()
         opt.step()
         if step >= cfg.optim.steps - 20:
             recent += loss.detach() / min(20, cfg.optim.steps)
