@@ -83,16 +83,28 @@ def test_sampler_is_seeded_and_draw_decode_split_agrees():
     a = task.sample(64, gen(5))
     b = task.sample(64, gen(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], task.sample(64, gen(6))[0])
     g = gen(5)
-    t, k = task.draw(64, g)
-    assert torch.equal(task.decode(t, k, g), a[0])
+    x, t = task.decode(task.draw(64, g), 64, g)
+    assert torch.equal(x, a[0]) and torch.equal(t, a[1])
     # a stack decoded with one generator per instance == each instance decoded alone
     g5, g6 = gen(5), gen(6)
-    (t5, k5), (t6, k6) = task.draw(64, g5), task.draw(64, g6)
-    both = task.decode(torch.stack([t5, t6]), torch.stack([k5, k6]), [g5, g6])
+    words = torch.stack([task.draw(64, g5), task.draw(64, g6)])
+    xs, ts = task.decode(words, 64, [g5, g6])
     g = gen(6)
-    t, k = task.draw(64, g)
-    assert torch.equal(both[1], task.decode(t, k, g)) and torch.equal(both[0], a[0])
+    x6, t6 = task.decode(task.draw(64, g), 64, g)
+    assert torch.equal(xs[1], x6) and torch.equal(ts[1], t6) and torch.equal(xs[0], a[0])
+
+
+def test_exhausted_fraction_reserve_continues_from_the_generator():
+    """Straddling draws beyond the reserved words continue each instance's own stream."""
+    from assocmem.tasks.lca import fraction_bits
+    reserve = torch.tensor([[1, 2], [3, 4]])
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    low = fraction_bits(reserve, gens, per=10, bits=48)
+    out = low(torch.tensor([0, 4, 7, 9, 12]))               # instance 0: four draws, instance 1: one
+    fresh = torch.empty(2, dtype=torch.long).random_(generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == [1, 2, *(fresh & (2 ** 48 - 1)).tolist(), 3]
 
 
 def test_mixing_rate_extremes_and_fraction():
@@ -136,16 +148,13 @@ def test_cell_table_is_the_alias_method_exactly(m):
     torch.testing.assert_close(law, target, atol=1e-15, rtol=0)
 
 
-def test_cell_draws_are_uniform_and_independent_across_packed_fields():
-    """Several cells are cut from one random word: each field uniform, neighbours independent, and a
-    buffer whose size is not a multiple of the fields per word filled too."""
-    cells = LCATask(6, 4).cells
-    f, bits = 4, cells.index_bits
-    k = torch.full((40_001,), -1, dtype=torch.long)
-    cells.draw(k, torch.Generator().manual_seed(0))
-    assert k.min() >= 0 and k.max() < 2 ** bits
-    top = k[:40_000].view(-1, f) >> (bits - 3)                   # 8 bins per field
-    for i in range(f):
+def test_packed_fields_of_a_random_word_are_uniform_and_independent():
+    """decode cuts four 16-bit fields from each 63-bit word and keeps their low 15 bits: each field
+    uniform (the top field too, whose bit 15 is the word's always-zero bit 63), neighbours independent."""
+    words = torch.empty(50_000, dtype=torch.long).random_(generator=torch.Generator().manual_seed(0))
+    top = (words.view(torch.int16).view(-1, 4).long() & (2 ** 15 - 1)) >> 12          # 8 bins per field
+    for i in range(4):
         assert chisquare(torch.bincount(top[:, i], minlength=8).numpy()).pvalue > 1e-3
-    joint = top[:, 0] * 8 + top[:, 1]                            # two fields of one word: 64 joint bins
-    assert chisquare(torch.bincount(joint, minlength=64).numpy()).pvalue > 1e-3
+    for i, j in ((0, 1), (2, 3)):
+        joint = top[:, i] * 8 + top[:, j]
+        assert chisquare(torch.bincount(joint, minlength=64).numpy()).pvalue > 1e-3

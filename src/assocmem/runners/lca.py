@@ -81,12 +81,11 @@ def model_from_weights(cfg: LCAConfig, weights: Sequence[dict[str, torch.Tensor]
 def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator],
                  device: torch.device | str = "cpu"):
     """One batch per instance from its own generator: x [S, B, L], t [S, B] (drawn on the CPU)."""
-    S = len(generators)
-    t = torch.empty(S, batch, dtype=torch.long)
-    k = torch.empty(S, batch, task.L, dtype=torch.long)
-    for i, g in enumerate(generators):
-        task.draw(batch, g, out=(t[i], k[i]))
-    return task.decode(t, k, generators).to(device), t.to(device)
+    words = torch.empty(len(generators), task.n_words(batch), dtype=torch.long)
+    for w, g in zip(words, generators):
+        task.draw(batch, g, out=w)
+    x, t = task.decode(words, batch, generators)
+    return x.to(device), t.to(device)
 
 
 def sample_counts(task: LCATask, batch: int, generators: list[torch.Generator],

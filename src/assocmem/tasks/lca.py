@@ -71,45 +71,60 @@ class LCATask:
         ctx = torch.cat([rho * q, torch.full((V,), (1.0 - rho) / V, dtype=torch.float64)])
         last = torch.cat([q, torch.zeros(V, dtype=torch.float64)])
         self.cells = CellTable([alias_table(ctx), alias_table(last)])
-        self.table_of_position = torch.zeros(L, dtype=torch.long)  # 0: context table, 1: last token
-        self.table_of_position[-1] = 1
+        # fraction words reserved per batch for draws in straddling cells: mean + 8 sd + 8, so that
+        # running out (then drawn afresh from the same generator) essentially never happens
+        p_ctx, p_last = (float((self.cells.fixed[i << 15:(i + 1) << 15] < 0).double().mean()) for i in (0, 1))
+        self._straddle_rate = (p_ctx, p_last)
 
-    def draw(self, batch: int, generator: torch.Generator,
-             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """The fixed-size randomness of ``batch`` sequences: targets t [batch] and the cell of every
-        position k [batch, L] (uniform on the alias cells, see :class:`CellTable`), optionally written
-        into preallocated ``out`` tensors. :meth:`decode` draws the few extra fraction bits it needs."""
-        t, k = out if out is not None else (torch.empty(batch, dtype=torch.long),
-                                            torch.empty(batch, self.L, dtype=torch.long))
-        torch.randint(self.V, (batch,), generator=generator, out=t)
-        self.cells.draw(k, generator)
-        return t, k
+    def reserve(self, batch: int) -> int:
+        """Fraction words reserved per batch of ``batch`` sequences (see :meth:`draw`)."""
+        mu = batch * ((self.L - 1) * self._straddle_rate[0] + self._straddle_rate[1])
+        return math.ceil(mu + 8 * math.sqrt(mu) + 8)
 
-    def decode(self, t: Tensor, k: Tensor, generators: torch.Generator | Sequence[torch.Generator],
+    def n_words(self, batch: int) -> int:
+        """Random words per batch: four 16-bit fields each for the L cells and the target of every
+        sequence, then :meth:`reserve` fraction words."""
+        return -(-batch * (self.L + 1) // 4) + self.reserve(batch)
+
+    def draw(self, batch: int, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
+        """All fixed-size randomness of ``batch`` sequences with one generator call: int64 words
+        [n_words(batch)], uniform on [0, 2^63) (optionally into a preallocated ``out``)."""
+        w = out if out is not None else torch.empty(self.n_words(batch), dtype=torch.long)
+        return w.random_(generator=generator)
+
+    def decode(self, words: Tensor, batch: int, generators: torch.Generator | Sequence[torch.Generator],
                return_noise: bool = False):
-        """Turn draws into tokens, exactly (alias method): t [...], k [..., L] from :meth:`draw`.
+        """Turn draws into sequences, exactly: words [..., n_words(batch)] from :meth:`draw`.
 
-        Position l < L draws outcome j from the context table, position L from the last-token table;
-        token x = t xor (j mod V); noise = j >= V. Draws in a straddling cell take their fraction bits
-        from ``generators``: one generator, or a list with one per index of the leading dim (a stack of
-        instances, each with its own stream, exactly as if decoded one at a time).
+        Each 63-bit word holds four 16-bit fields; a field's low 15 bits are a uniform cell of the
+        alias tables (:class:`CellTable`) or, for the last field of each sequence, its target t (low m
+        bits). Position l < L draws outcome j from the context table, position L from the last-token
+        table; token x = t xor (j mod V); noise = j >= V. Draws in a straddling cell take their
+        fraction bits from the reserved words, in order, and, should those run out, afresh from
+        ``generators`` (one generator, or one per index of the leading dims, flattened: a stack of
+        instances decodes exactly as each would alone).
 
-        Returns x [..., L] long and, if ``return_noise``, noise [..., L-1] (True where position l < L
-        was a uniform noise draw).
+        Returns x [..., batch, L], t [..., batch] (long) and, if ``return_noise``, noise
+        [..., batch, L-1] (True where position l < L was a uniform noise draw).
         """
-        V = self.V
-        low = fraction_bits(generators, k.numel(), self.cells.low_bits)
-        j = self.cells.sample(k, low, self.table_of_position, None if return_noise else V - 1)
+        V, L, lead = self.V, self.L, words.shape[:-1]
+        n_fields = batch * (L + 1)
+        n_cell_words = -(-n_fields // 4)
+        fields = words[..., :n_cell_words].view(torch.int16)[..., :n_fields].view(*lead, batch, L + 1)
+        k = torch.empty(*lead, batch, L, dtype=torch.long)
+        torch.bitwise_and(fields[..., :L], 2 ** 15 - 1, out=k)
+        t = torch.bitwise_and(fields[..., L], V - 1).long()
+        reserve = words[..., n_cell_words:].reshape(-1, words.shape[-1] - n_cell_words)
+        low = fraction_bits(reserve, generators, batch * L, self.cells.low_bits)
+        j = self.cells.sample(k, low, last_table=1, mask=None if return_noise else V - 1)
         if not return_noise:
-            return j.bitwise_xor_(t[..., None])
+            return j.bitwise_xor_(t[..., None]), t
         noise = (j[..., :-1] & V) != 0
-        return j.bitwise_and_(V - 1).bitwise_xor_(t[..., None]), noise
+        return j.bitwise_and_(V - 1).bitwise_xor_(t[..., None]), t, noise
 
     def sample(self, batch: int, generator: torch.Generator, return_noise: bool = False):
         """Draw ``batch`` sequences: x [batch, L] long, t [batch] long (and the noise mask)."""
-        t, k = self.draw(batch, generator)
-        out = self.decode(t, k, generator, return_noise)
-        return (out[0], t, out[1]) if return_noise else (out, t)
+        return self.decode(self.draw(batch, generator), batch, generator, return_noise)
 
 
 def alias_table(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,35 +182,22 @@ class CellTable:
         self.fixed = torch.cat(fixed)
         self.keep_id, self.alias_id, self.residual = torch.cat(keep_id), torch.cat(alias_id), torch.cat(residual)
 
-    def draw(self, out: Tensor, generator: torch.Generator) -> Tensor:
-        """Fill ``out`` (contiguous int64) with uniform cells of table 0. One 63-bit random word
-        (bits 0..62 uniform) viewed as four 16-bit fields gives four independent 15-bit cells
-        (each field's top bit dropped), so one generator call serves four draws."""
-        n = out.numel()
-        words = torch.empty(-(-n // 4), dtype=torch.long).random_(generator=generator)   # [0, 2^63)
-        fields = words.view(torch.int16)[:n]
-        return out.view(-1).copy_(torch.bitwise_and(fields, 2 ** 15 - 1)).view(out.shape)
-
-    def sample(self, k: Tensor, low: Callable[[Tensor], Tensor], table_of_position: Tensor | None = None,
+    def sample(self, k: Tensor, low: Callable[[Tensor], Tensor], last_table: int = 0,
                mask: int | None = None) -> Tensor:
-        """k [..., n] cells in [0, 2^index_bits) -> outcomes [..., n] long (``& mask`` if given).
-
-        ``low(idx)`` returns the fraction bits (int64 in [0, 2^low_bits)) of the draws at flat indices
-        idx (ascending); ``table_of_position`` [n] picks the table per last-dim position (default 0).
-        """
+        """k [..., n] cells in [0, 2^15) of table 0 (the last position: of ``last_table``) -> outcomes
+        [..., n] long (``& mask`` if given). ``low(idx)`` returns the fraction bits (int64 in
+        [0, 2^low_bits)) of the draws at flat indices idx, which come in ascending order."""
         fixed = self.fixed if mask is None else self.fixed_masked(mask)
         j = fixed.index_select(0, k.reshape(-1)).view(k.shape)
-        tables = None
-        if table_of_position is not None:
-            tables = table_of_position << self.index_bits
-            for pos in table_of_position.nonzero().squeeze(1).tolist():    # few positions use other tables
-                j[..., pos] = fixed.index_select(0, k[..., pos].reshape(-1) + int(tables[pos])).view(j[..., pos].shape)
+        offset = last_table << self.index_bits
+        if offset:
+            j[..., -1] = fixed.index_select(0, k[..., -1].reshape(-1) + offset).view(j.shape[:-1])
         flat = j.view(-1)
         straddle = (flat < 0).nonzero().squeeze(1)
         if straddle.numel():
             ks = k.reshape(-1).index_select(0, straddle)
-            if tables is not None:
-                ks += tables.index_select(0, straddle % k.shape[-1])
+            if offset:
+                ks += ((straddle % k.shape[-1]) == k.shape[-1] - 1).long() * offset
             out = torch.where(low(straddle) < self.residual.index_select(0, ks), self.keep_id.index_select(0, ks),
                               self.alias_id.index_select(0, ks))
             flat.index_copy_(0, straddle, out if mask is None else out & mask)
@@ -207,22 +209,25 @@ class CellTable:
         return torch.where(self.fixed < 0, self.fixed, self.fixed & mask)
 
 
-def fraction_bits(generators: torch.Generator | Sequence[torch.Generator], numel: int, bits: int):
-    """``low`` for :meth:`CellTable.sample`: fresh uniform ``bits``-bit integers for the requested flat
-    indices, drawn from the generator that owns each index (the leading-dim slice of a stack: with G
-    generators, flat index i belongs to generator i // (numel / G)), in ascending index order."""
+def fraction_bits(reserve: Tensor, generators: torch.Generator | Sequence[torch.Generator], per: int,
+                  bits: int) -> Callable[[Tensor], Tensor]:
+    """``low`` for :meth:`CellTable.sample` over a stack of G instances with ``per`` draws each:
+    instance g's straddling draws, in ascending order, take the low ``bits`` of its reserved words
+    reserve[g] [G, F] one by one; beyond F, fresh words from ``generators[g]`` (one generator: G = 1)."""
     gens = [generators] if isinstance(generators, torch.Generator) else list(generators)
-    per = numel // len(gens)
+    G, F = reserve.shape
+    assert len(gens) == G, "one generator per instance of the stack"
 
     def low(idx: Tensor) -> Tensor:
-        out = torch.empty(idx.numel(), dtype=torch.long)
-        n_of = torch.bincount(idx // per, minlength=len(gens)).tolist() if len(gens) > 1 else [idx.numel()]
-        start = 0
-        for g, n in zip(gens, n_of):
-            if n:
-                out[start:start + n].random_(0, 2 ** bits, generator=g)
-                start += n
-        return out
+        owner = idx // per
+        n_of = torch.bincount(owner, minlength=G)
+        rank = torch.arange(idx.numel()) - (n_of.cumsum(0) - n_of).index_select(0, owner)
+        out = reserve.reshape(-1).index_select(0, owner * F + rank.clamp(max=F - 1))
+        if F < int(n_of.max()):                        # reserve exhausted: continue each stream afresh
+            for g in (n_of > F).nonzero().squeeze(1).tolist():
+                sel = ((owner == g) & (rank >= F)).nonzero().squeeze(1)
+                out[sel] = torch.empty(sel.numel(), dtype=torch.long).random_(generator=gens[g])
+        return out.bitwise_and_(2 ** bits - 1)
 
     return low
 
