@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from assocmem.analysis.induction import delayed_batch, evaluate, memory_probes
-from assocmem.analysis.induction_hijack import last_logits, make_families, outcome_table
+from assocmem.analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
 from assocmem.models.induction import SimplifiedInduction
 from assocmem.theory.induction import (build_amt, centred_log_bigram, closed_form_logits, context_counts,
                                        fit_lambda_mu, ideal_memories)
@@ -102,6 +102,16 @@ def test_closed_form_equals_orthogonal_construction(stats):
             assert outcome_table(f, lg, ell, lam, 1.0, stats.pi_b, empty="uniform")["agree"].all()
         lh, mh = fit_lambda_mu(last_logits(m, fams["single"].z), fams["single"].z, ell)
         assert lh == pytest.approx(lam, rel=1e-3) and mh == pytest.approx(1.0, rel=1e-3)
+        # winner-based ratio fit: a ratio whose rule reproduces every calibration winner
+        zc = torch.cat([fams["single"].z, fams["conflict"].z])
+        rho, one = fit_ratio_by_winners(last_logits(m, zc), zc, ell)
+        assert one == 1.0
+        win = last_logits(m, zc).argmax(1)[:, None]
+
+        def agree(r):
+            rule = closed_form_logits(zc, r, 1.0, ell)
+            return bool((rule.gather(1, win)[:, 0] >= rule.max(1).values - 1e-6).all())
+        assert agree(rho) and not agree(0.01)   # a near-global-only ratio does not explain the winners
 
 
 def test_closed_form_counts_and_inequality():

@@ -161,3 +161,22 @@ def outcome_table(fam: Family, logits: Tensor, log_pi: Tensor, lam: float, mu: f
         "gap_rule": (rule.gather(1, o[:, None])[:, 0] - rule.gather(1, b[:, None])[:, 0]).numpy(),
     })
     return rows
+
+
+def fit_ratio_by_winners(logits: Tensor, z: Tensor, log_pi: Tensor, grid: Tensor | None = None) -> tuple[float, float]:
+    """(lambda_hat, mu_hat) = (rho, 1) with the ratio rho = lambda/mu chosen on calibration prompts to
+    maximise the share of prompts whose model top-1 is a maximiser of the rule (the rule's winner
+    depends on lambda and mu only through lambda/mu when mu > 0). logits [B, N] at the last position
+    of prompts z [B, T]; grid of candidate ratios (default: 0.01..1000, log-spaced); ties -> the
+    median of the best ratios."""
+    grid = torch.logspace(-2, 3, 201) if grid is None else grid
+    win = logits.argmax(1)
+    best = []
+    scores = []
+    for rho in grid.tolist():
+        rule = closed_form_logits(z, rho, 1.0, log_pi, "global")
+        ok = rule.gather(1, win[:, None])[:, 0] >= rule.max(1).values - 1e-6
+        scores.append(float(ok.float().mean()))
+    top = max(scores)
+    best = [r for r, s in zip(grid.tolist(), scores) if s >= top - 1e-9]
+    return float(best[len(best) // 2]), 1.0
