@@ -48,3 +48,16 @@ def test_zero_shot_transfer_on_block_construction(block):
     assert an.transfer_regression(W, bij, new) == 1.0
     assert an.transfer_inverse(W, bij, new) >= 0.99
     assert an.random_reinit_accuracy(W, new, torch.Generator().manual_seed(5)) < 0.05
+    assert an.transfer_regression(W, bij, new, lam=None, gen=torch.Generator().manual_seed(6)) == 1.0
+    # baseline: the map of another construction (other codes, other bijections) does not transfer
+    bij2 = draw_bijections(bij.shape[1], bij.shape[0], torch.Generator().manual_seed(7))
+    W2 = {k: v.float() for k, v in th.single_hop_block(bij2, 16, torch.Generator().manual_seed(8)).items()}
+    assert an.transfer_from(W, W2, bij2, new) < 0.05
+
+
+def test_ridge_cv_prefers_small_ridge_on_clean_linear_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 10, generator=g)
+    Y = X @ torch.randn(10, 3, generator=g) + 0.01 * torch.randn(400, 3, generator=g)
+    M, b, lam = an.ridge_cv(X, Y, g)
+    assert lam <= 1e-2 and an.r2(Y, X.double() @ M + b) > 0.999

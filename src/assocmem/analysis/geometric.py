@@ -36,6 +36,23 @@ def ridge_fit(X: Tensor, Y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tensor]:
     return M, ym - xm @ M
 
 
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def ridge_cv(X: Tensor, Y: Tensor, gen: torch.Generator, lams: tuple[float, ...] = LAMBDAS) -> tuple[Tensor, Tensor, float]:
+    """Ridge Y ~ X M + b with the ridge chosen by held-out R^2 on an 80/20 split of the rows, refitted on
+    all rows: (M, b, lam). Matters when the number of features is close to the number of rows."""
+    tr, te = _split(X.shape[0], gen)
+
+    def heldout(lam: float) -> float:
+        M, b = ridge_fit(X[tr], Y[tr], lam)
+        return r2(Y[te], X[te].double() @ M + b)
+
+    best = max(lams, key=heldout)
+    M, b = ridge_fit(X, Y, best)
+    return M, b, best
+
+
 def r2(Y: Tensor, Yhat: Tensor) -> float:
     """Pooled R^2 = 1 - sum (Y - Yhat)^2 / sum (Y - mean Y)^2."""
     Y, Yhat = Y.double(), Yhat.double()
@@ -174,13 +191,30 @@ def _accuracy_with_embeddings(W: dict[str, Tensor], bij: Tensor, E_new: Tensor, 
     return float((pred == data.targets[:, -1]).float().mean())
 
 
-def transfer_regression(W: dict[str, Tensor], bij: Tensor, bij_new: Tensor, layernorm: bool = False,
-                        lam: float = 1e-3) -> float:
-    """E5 T1 (spec): e'_s = Phi'_s M + b with (M, b) the E3a fit on the trained bijections, codes = W_U."""
+def regression_embeddings(W: dict[str, Tensor], bij: Tensor, bij_new: Tensor, lam: float | None = 1e-3,
+                          gen: torch.Generator | None = None) -> Tensor:
+    """E5 T1 re-initialisation (spec): E' [N, d], e'_s = Phi'_s M + b with (M, b) the E3a fit of the trained
+    embeddings on the trained bijections (codes = W_U rows). ``lam=None`` picks the ridge by held-out R^2
+    (:func:`ridge_cv`, split from ``gen``)."""
     N = bij.shape[1]
     U = W["W_U"][:N]
-    M, b = probe_map(W["W_E"][:N], bij, U, lam)
-    return _accuracy_with_embeddings(W, bij_new, attribute_design(bij_new, U).double() @ M + b, layernorm)
+    if lam is None:
+        M, b, _ = ridge_cv(attribute_design(bij, U), W["W_E"][:N], gen or torch.Generator().manual_seed(0))
+    else:
+        M, b = probe_map(W["W_E"][:N], bij, U, lam)
+    return (attribute_design(bij_new, U).double() @ M + b).float()
+
+
+def transfer_regression(W: dict[str, Tensor], bij: Tensor, bij_new: Tensor, layernorm: bool = False,
+                        lam: float | None = 1e-3, gen: torch.Generator | None = None) -> float:
+    """E5 T1 accuracy on F' with :func:`regression_embeddings` (zero gradient steps)."""
+    return _accuracy_with_embeddings(W, bij_new, regression_embeddings(W, bij, bij_new, lam, gen), layernorm)
+
+
+def transfer_from(W: dict[str, Tensor], W_src: dict[str, Tensor], bij_src: Tensor, bij_new: Tensor,
+                  layernorm: bool = False, lam: float = 1e-3) -> float:
+    """Baseline: the regression map of another model (W_src, its bijections) used to re-initialise W."""
+    return _accuracy_with_embeddings(W, bij_new, regression_embeddings(W_src, bij_src, bij_new, lam), layernorm)
 
 
 @torch.no_grad()

@@ -122,13 +122,15 @@ def gating(selectivity: list[float], ablation: list[list[float]], R: int) -> plo
 
 
 def transfer(df: pd.DataFrame) -> plots.plt.Figure:
-    """df: knob, T1_regress, T1_inverse, random (means over seeds)."""
-    s = df.groupby("knob")[["T1_regress", "T1_inverse", "random"]].mean()
+    """df: knob, T1_* methods, random, other_seed (means over seeds)."""
+    cols = [c for c in ("T1_regress", "T1_regress_cv", "T1_inverse", "random", "other_seed") if c in df]
+    s = df.groupby("knob")[cols].mean()
     fig, ax = plots.new_figure(figsize=(6.8, 3.6))
     x = np.arange(len(s))
+    w = 0.8 / len(cols)
     for i, c in enumerate(s.columns):
-        ax.bar(x + i * 0.27, s[c].values, 0.27, label=c, color=plots.COLORS[i])
-    ax.set_xticks(x + 0.27, s.index, rotation=30, ha="right", fontsize=7)
+        ax.bar(x + i * w, s[c].values, w, label=c, color=plots.COLORS[i])
+    ax.set_xticks(x + 0.4 - w / 2, s.index, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("zero-shot accuracy on fresh bijections")
     ax.legend(fontsize=7)
     return fig
