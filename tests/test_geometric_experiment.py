@@ -23,6 +23,9 @@ def test_bisect_finds_monotone_threshold(tmp_path):
     n = len(recs)
     assert ge.bisect(store, cells, grid, LocalBackend(1), False, "test") == res  # reuses finished runs
     assert len(store.table("geometric")) == n
+    # a search started from a guess (below / at or above the threshold) walks to the same threshold
+    for g in (1, 64):
+        assert ge.bisect(store, cells, grid, LocalBackend(1), False, "test", guess={"tiny": g}) == res
 
 
 def test_plots_return_figures(tmp_path):

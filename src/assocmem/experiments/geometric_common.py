@@ -7,6 +7,7 @@ reach 100% accuracy on every fact (CoT: every chain under greedy decoding).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,22 +46,30 @@ class Scale:
     e0_overlap_N: tuple[int, ...] = (256, 1024)
     e5_knobs: tuple[str, ...] = ()
     e5_max_steps: int = 1500
+    e5_t2_steps: int = 1500
+    e1_R4_N: tuple[int, ...] = ()        # extra N values run for R = 4 only (d*/(R log2 N) across N)
 
 
 SCALES = {
     "quick": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(64, 128, 256), e1_R=(2, 4),
                    d_grid=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48), max_steps=1500,
                    e2_N=(32, 64, 128), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512),
-                   e3_N=512, e3_d=(32,), e5_N=128, e5_d=32, e6_N=64, e6_R=(2,), e6_k=(1, 3),
+                   e3_N=512, e3_d=(32,), e5_N=512, e5_d=64, e6_N=64, e6_R=(2,), e6_k=(1, 3),
                    e6_grid=(4, 8, 16, 32, 64),
-                   e5_knobs=("default", "init 0.01", "init 0.01, wd 1e-3, to loss 1e-4", "frozen W_U, init 0.01"),
-                   e5_max_steps=600, e0_overlap_N=(256,)),
-    "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(128, 256, 512, 1024), e1_R=(1, 2, 4),
-                   d_grid=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), max_steps=2000,
+                   e5_knobs=("default", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
+                   e5_max_steps=600, e5_t2_steps=300, e0_overlap_N=(256,)),
+    "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(256,), e1_R=(1, 2, 4), e1_R4_N=(512, 1024),
+                   d_grid=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), max_steps=1500,
                    e2_N=(64, 128, 256), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   e3_N=1024, e3_d=(32,), e5_N=512, e5_d=32, e6_N=128, e6_R=(2, 3), e6_k=(1, 2, 3),
-                   e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)),
+                   e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 2, 3),
+                   e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
+                   e5_knobs=("default", "init 0.01", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
+                   e5_max_steps=600, e5_t2_steps=400),
 }
+# "full" = paper + E1 at N = 4096 (R = 4, one seed: a full-batch step there costs ~1 s of CPU)
+SCALES["full"] = dataclasses.replace(SCALES["paper"], e1_R4_N=(512, 1024, 4096), max_steps=2000)
+BIG_N = 4096          # E1 cells with N >= BIG_N use one seed
+D_GUESS = 0.3         # E1/E6 searches start at d ~ D_GUESS * R * log2 N (spec calibration d*(1024, 4) = 12)
 
 BASE_OPTIM = {"lr": 1e-2, "patience": 400}
 
@@ -80,14 +89,29 @@ def _records(store: RunStore, cfgs: list[GeoConfig]) -> list[dict[str, Any]]:
 
 
 def bisect(store: RunStore, cells: dict[Any, Callable[[int], list[GeoConfig]]], grid: tuple[int, ...],
-           backend, force: bool, desc: str) -> dict[Any, int | None]:
+           backend, force: bool, desc: str, guess: dict[Any, int] | None = None) -> dict[Any, int | None]:
     """Smallest grid value per cell whose runs succeed (>= half the seeds at success == 1); None if
-    even the largest fails. ``cells[key](value)`` returns that value's configs (one per seed)."""
+    even the largest fails. ``cells[key](value)`` returns that value's configs (one per seed).
+
+    Without ``guess`` each round probes the middle of the open bracket (bisection). With ``guess``
+    (cell -> a grid value) a cell first probes its guess, then walks one grid step at a time towards
+    the threshold (down after a success, up after a failure): for success monotone in the grid value
+    it returns the same threshold, with about two rounds when the guess is good (failing runs near
+    the threshold are the expensive ones, and this runs one of them instead of several).
+    """
     lo = {k: -1 for k in cells}
     hi = {k: len(grid) for k in cells}
     task = get_task("geometric")
+
+    def probe(k: Any) -> int:
+        if guess is None or k not in guess:
+            return (lo[k] + hi[k]) // 2
+        if lo[k] == -1 and hi[k] == len(grid):
+            return min(range(len(grid)), key=lambda i: abs(grid[i] - guess[k]))
+        return hi[k] - 1 if hi[k] < len(grid) else lo[k] + 1
+
     while True:
-        todo = {k: (lo[k] + hi[k]) // 2 for k in cells if hi[k] - lo[k] > 1}
+        todo = {k: probe(k) for k in cells if hi[k] - lo[k] > 1}
         if not todo:
             break
         cfgs = {k: cells[k](grid[i]) for k, i in todo.items()}
@@ -102,15 +126,17 @@ def bisect(store: RunStore, cells: dict[Any, Callable[[int], list[GeoConfig]]], 
     return {k: (grid[hi[k]] if hi[k] < len(grid) else None) for k in cells}
 
 
-
-
 def _seeds(sc: Scale, **flat: Any) -> list[GeoConfig]:
     return [make_cfg(**flat, seed=s) for s in range(sc.seeds)]
 
 
+def d_guess(N: int, R: int) -> int:
+    """Start of the d* search: D_GUESS * R * log2 N, rounded."""
+    return max(1, round(D_GUESS * R * math.log2(N)))
+
+
 def _optim(sc: Scale) -> dict[str, Any]:
     return {f"optim.{k}": v for k, v in {**BASE_OPTIM, "max_steps": sc.max_steps}.items()}
-
 
 
 def _load(store: RunStore, cfg: GeoConfig) -> dict[str, torch.Tensor]:
