@@ -1,7 +1,10 @@
-"""Sweep throughput: runs/s for a 64-run LCA grid (m in {5, 6} x L in {32, 64} x 16 seeds, d = 32).
+"""Sweep throughput: runs/s for a 64-run LCA grid (m in {5, 6} x L in {32, 64} x 16 seeds, d = 32),
+and stacking's speed-up on a 10-seed grid of the foundation's smoke setting (m=6, L=64, d=64,
+lr 0.01, 500 steps).
 
 Configurations: local backend with 1 and 2 worker processes, seed stacking off and on, and a local
-Ray instance (2 CPUs) with stacking on. Each configuration writes a fresh store in a temp folder.
+Ray instance (2 CPUs) with stacking on and off. Each configuration writes a fresh store in a temp
+folder; wall times include worker start-up and store writes.
 
 Usage: python benchmarks/sweep_scaling.py [--steps 200] [--skip-ray] [--json]
 """
@@ -22,8 +25,14 @@ def grid(steps: int) -> dict:
             "grid": {"task.m": [5, 6], "task.L": [32, 64], "seed": list(range(16))}}
 
 
-def measure(name: str, backend, stack: bool, steps: int) -> dict:
-    task, configs = expand_grid(grid(steps))
+def ten_seeds(steps: int = 500) -> dict:
+    return {"task": "lca",
+            "base": {"task.m": 6, "task.L": 64, "model.d_model": 64, "optim.lr": 0.01, "optim.steps": steps},
+            "grid": {"seed": list(range(10))}}
+
+
+def measure(name: str, backend, stack: bool, steps: int, spec: dict | None = None) -> dict:
+    task, configs = expand_grid(spec or grid(steps))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         rep = run_configs(task, configs, RunStore(tmp), backend=backend, stack=stack, progress=False)
@@ -44,6 +53,10 @@ def main() -> None:
         measure("local, 2 processes, unstacked", LocalBackend(2), False, args.steps),
         measure("local, 2 processes, stacked", LocalBackend(2), True, args.steps),
     ]
+    rows += [
+        measure("10-seed grid, 1 process, unstacked", LocalBackend(1), False, 0, ten_seeds()),
+        measure("10-seed grid, 1 process, stacked", LocalBackend(1), True, 0, ten_seeds()),
+    ]
     if not args.skip_ray:
         import ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -53,9 +66,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'configuration':34} {'runs':>5} {'wall s':>8} {'runs/s':>8}")
+    print(f"{'configuration':38} {'runs':>5} {'wall s':>8} {'runs/s':>8}")
     for r in rows:
-        print(f"{r['config']:34} {r['runs']:5d} {r['wall_s']:8.2f} {r['runs_per_s']:8.2f}")
+        print(f"{r['config']:38} {r['runs']:5d} {r['wall_s']:8.2f} {r['runs_per_s']:8.2f}")
+    by = {r["config"]: r["wall_s"] for r in rows}
+    for what in ("local, 1 process", "local, 2 processes", "10-seed grid, 1 process"):
+        print(f"stacking speed-up, {what}: {by[what + ', unstacked'] / by[what + ', stacked']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import flatten, to_dict
 from .registry import RunResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FINISHED = ("ok", "diverged")
 
@@ -155,6 +157,8 @@ class RunStore:
     # ---- the table ---------------------------------------------------------------------------
     def table(self, task: str | None = None) -> pd.DataFrame:
         """One row per stored run: run_id, task, status, flattened config and scalar metrics."""
+        import pandas as pd        # here, not at module level: sweep workers never need it
+
         rows = []
         for rid in self.run_ids():
             try:

@@ -27,14 +27,16 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import ConfigError, config_hash, load_yaml, merge, unflatten
 from .registry import TASKS, RunResult, TaskSpec, config_from, get_task, load_spec
 from .store import RunStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclasses.dataclass
