@@ -77,3 +77,14 @@ def test_reproduce_pipeline_smoke(shared_data, tmp_path):
     assert any(n.startswith("C-14") for n in names) and any(n.startswith("C-7") for n in names)
     sec2 = reproduce(tmp_path, "smoke", data_path=path)
     assert "0 trained now" in sec2.intro
+
+
+def test_device_field(spec, shared_data):
+    cfg = _cfg(spec, shared_data)
+    assert cfg.device == "cpu"
+    with pytest.raises(ConfigError, match="device"):
+        replace(cfg, device="tpu")
+    if not torch.cuda.is_available():
+        from assocmem.training import resolve_device
+        with pytest.raises(ConfigError, match="cuda"):
+            resolve_device(replace(cfg, device="cuda").device)
