@@ -104,24 +104,28 @@ def finite_members(*tensors: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def run_split(run_stack: Callable[[Sequence], list], configs: Sequence, min_size: int = 2) -> list:
+def run_split(run_stack: Callable[[Sequence], list], configs: Sequence, *, small: bool = False,
+              min_size: int = 2) -> list:
     """Run a stack of same-shaped configs as contiguous parts in parallel threads, one per torch
     thread, each part single-threaded inside torch; results in the order of ``configs``.
 
     Small stacked ops gain little from torch's intra-op threads (their sync costs about as much as the
-    work), while independent parts of a stack keep every core busy: their kernels release the GIL.
-    Members are independent, so the results equal one stack's (and each single run's). Used by the
-    CPU ``run_stack`` of each task when torch has >= 2 threads and the stack has >= 2 * ``min_size``
-    members; a sweep worker process with one torch thread runs its stack whole.
+    work, and on a busy machine a descheduled thread stalls every op), while independent parts of a
+    stack keep every core busy: their kernels release the GIL. Members are independent, so the
+    results equal one stack's (and each single run's). A stack too small to split runs whole: with
+    all torch threads, or with one if ``small`` (tiny models). A sweep worker process with one torch
+    thread runs its stack whole.
     """
     threads = torch.get_num_threads()
     n = min(threads, len(configs) // min_size)
-    if n < 2:
+    if n < 2 and not small:
         return run_stack(configs)
-    bounds = [round(i * len(configs) / n) for i in range(n + 1)]
-    parts = [configs[a:b] for a, b in zip(bounds, bounds[1:])]
     torch.set_num_threads(1)          # threads started from here initialise torch with one thread
     try:
+        if n < 2:
+            return run_stack(configs)
+        bounds = [round(i * len(configs) / n) for i in range(n + 1)]
+        parts = [configs[a:b] for a, b in zip(bounds, bounds[1:])]
         with cf.ThreadPoolExecutor(n) as pool:
             return [r for part in pool.map(run_stack, parts) for r in part]
     finally:

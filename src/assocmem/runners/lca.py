@@ -127,9 +127,13 @@ def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], 
 
 def run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     """Train S same-shaped configs (differing only in seeds) as one stacked model; on the CPU with
-    several torch threads, as parallel parts (:func:`~assocmem.training.run_split`)."""
-    if resolve_device(configs[0].device).type == "cpu":
-        return run_split(_run_stack, configs)
+    several torch threads, as parallel parts, and tiny models single-threaded
+    (:func:`~assocmem.training.run_split`)."""
+    cfg = configs[0]
+    if resolve_device(cfg.device).type == "cpu":
+        V1 = 2 ** cfg.task.m + 1          # per-member multiply-adds of one step's largest product
+        small = cfg.optim.batch_size * V1 * max(V1, cfg.model.d_model) < 2 ** 24
+        return run_split(_run_stack, configs, small=small)
     return _run_stack(configs)
 
 
