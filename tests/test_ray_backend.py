@@ -52,10 +52,13 @@ def cluster(tmp_path_factory):
     (tmp / "markers").mkdir()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "PYTHONPATH": f"{tmp / 'mods'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "ASSOCMEM_CRASH_MARKER": str(tmp / "markers"), "RAY_USAGE_STATS_ENABLED": "0"}
+           "ASSOCMEM_CRASH_MARKER": str(tmp / "markers"), "RAY_USAGE_STATS_ENABLED": "0",
+           # Ray >= 2.5x writes ~/.ray/auth_token on a local ray.init(); with that file present, a
+           # worker node cannot join a head started by `ray start` unless auth is off explicitly
+           "RAY_AUTH_MODE": "disabled"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"]
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--include-dashboard=false", "--num-cpus=1", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
@@ -63,12 +66,17 @@ def cluster(tmp_path_factory):
         subprocess.run([ray_bin, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                         "--disable-usage-stats"], check=True, env=env, capture_output=True)
         os.environ["ASSOCMEM_CRASH_MARKER"] = str(tmp / "markers")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         sys.path.insert(0, str(tmp / "mods"))
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
         sys.path.remove(str(tmp / "mods")) if str(tmp / "mods") in sys.path else None
 
 
