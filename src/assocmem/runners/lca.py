@@ -97,6 +97,21 @@ def sample_counts(task: LCATask, batch: int, generators: list[torch.Generator],
     return log_c.to(device), x[..., -1].to(device), t.to(device)
 
 
+DRAW_BLOCK = 2   # training steps drawn together: fewer ops per step; larger blocks fall out of cache
+
+
+def count_batches(task: LCATask, batch: int, generators: list[torch.Generator], steps: int,
+                  device: torch.device | str = "cpu"):
+    """Training batches of the count path for ``steps`` steps: yields (log_c, last, t) per step.
+    Batches are drawn ``DRAW_BLOCK`` steps at a time (one draw of block x batch sequences per
+    instance), so a run's data depend on the block size but never on the stack it trains in."""
+    for start in range(0, steps, DRAW_BLOCK):
+        n = min(DRAW_BLOCK, steps - start)
+        log_c, last, t = sample_counts(task, n * batch, generators, device)
+        for i in range(0, n * batch, batch):
+            yield log_c[:, i:i + batch], last[:, i:i + batch], t[:, i:i + batch]
+
+
 def logits_and_targets(model: LCAModel, task: LCATask, batch: int, generators: list[torch.Generator],
                        path: str):
     """Draw a batch per instance and run the model on it: (logits [S, B, V+1], targets [S, B])."""
@@ -148,10 +163,11 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     opt = make_optimizer(model.parameters(), cfg.optim) if cfg.optim.steps else None
     S, B = len(configs), cfg.optim.batch_size
     recent = torch.zeros(S, device=device)
+    batches = count_batches(task, B, train_g, cfg.optim.steps, device) if cfg.model.path == "count" else None
     for step in range(cfg.optim.steps):
         opt.zero_grad()
-        if cfg.model.path == "count":        # hand-written gradients, equal to autograd's (tested)
-            loss = model.count_loss_backward(*sample_counts(task, B, train_g, device))
+        if batches is not None:              # hand-written gradients, equal to autograd's (tested)
+            loss = model.count_loss_backward(*next(batches))
         else:
             x, t = sample_stack(task, B, train_g, device)
             loss = F.cross_entropy(model.forward_plain(x).flatten(0, 1), t.flatten(), reduction="none")
