@@ -61,13 +61,13 @@ SCALES = {
     "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(256,), e1_R=(1, 2, 4), e1_R4_N=(512, 1024),
                    d_grid=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), max_steps=1500,
                    e2_N=(64, 128, 256), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 2, 3),
+                   e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 3),
                    e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
-                   e5_knobs=("default", "init 0.01", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
-                   e5_max_steps=600, e5_t2_steps=400),
+                   e5_knobs=("default", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
+                   e5_max_steps=600, e5_t2_steps=300),
 }
 # "full" = paper + E1 at N = 4096 (R = 4, one seed: a full-batch step there costs ~1 s of CPU)
-SCALES["full"] = dataclasses.replace(SCALES["paper"], e1_R4_N=(512, 1024, 4096), max_steps=2000)
+SCALES["full"] = dataclasses.replace(SCALES["paper"], e1_R4_N=(512, 1024, 4096))
 BIG_N = 4096          # E1 cells with N >= BIG_N use one seed
 D_GUESS = 0.3         # E1/E6 searches start at d ~ D_GUESS * R * log2 N (spec calibration d*(1024, 4) = 12)
 
