@@ -5,8 +5,10 @@ hand-built models too (tests use the block construction, whose answers are known
 E3  probes:  ``superposition_probe`` (e_s ~ Phi_s M + b, held-out R^2, shuffled control),
              ``per_relation_decoding``, ``causal_swap``.
 E4  gating:  ``mlp_gating`` (within-relation linearity R^2, unit selectivity, ablation matrix).
-E5  transfer: ``transfer_regression`` (e'_s = Phi'_s M + b), ``transfer_inverse`` (invert the
-             linearised selector), ``retrain_embeddings`` (T2: train only subject embeddings).
+E5  transfer: ``regression_embeddings`` / ``transfer_regression`` (e'_s = Phi'_s M + b; ridge fixed or
+             by held-out R^2, ``ridge_cv``), ``transfer_inverse`` (invert the linearised selector),
+             baselines ``random_reinit_accuracy`` and ``transfer_from`` (another model's map),
+             ``retrain_embeddings`` (T2: train only subject embeddings, from random or a given init).
 """
 from __future__ import annotations
 
