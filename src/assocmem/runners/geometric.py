@@ -185,7 +185,7 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     """Full-batch masked AdamW on all queries; instance i stops the step it meets the stopping rule.
 
     ``fused`` computes the loss with :func:`fused_instance_loss` (tested equal to the plain
-    ``model(...)`` + :func:`per_instance_loss` path, about twice as fast at large N).
+    ``model(...)`` + :func:`per_instance_loss` path; 1.3x less CPU per step at N = 4096, d = 16).
 
     tokens [S, B, T] (or [B, T]); targets [S, B, T]. Returns per-instance lists: steps, final loss and
     accuracy, diverged flags, and curves (loss/accuracy every ``o.log_every`` steps).
