@@ -73,12 +73,12 @@ class LCATask:
         self.cells = CellTable([alias_table(ctx), alias_table(last)])
         # fraction words reserved per batch for draws in straddling cells: mean + 8 sd + 8, so that
         # running out (then drawn afresh from the same generator) essentially never happens
-        p_ctx, p_last = (float((self.cells.fixed[i << 15:(i + 1) << 15] < 0).double().mean()) for i in (0, 1))
-        self._straddle_rate = (p_ctx, p_last)
+        self._straddle_rate = (self.cells.straddle_fraction(0), self.cells.straddle_fraction(1))
 
     def reserve(self, batch: int) -> int:
         """Fraction words reserved per batch of ``batch`` sequences (see :meth:`draw`)."""
-        mu = batch * ((self.L - 1) * self._straddle_rate[0] + self._straddle_rate[1])
+        p_ctx, p_last = self._straddle_rate
+        mu = batch * ((self.L - 1) * p_ctx + p_last)
         return math.ceil(mu + 8 * math.sqrt(mu) + 8)
 
     def n_words(self, batch: int) -> int:
@@ -153,8 +153,9 @@ class CellTable:
     in two parts: a uniform cell k of 2^index_bits equal cells (2^(index_bits - b) per column) and,
     only when needed, 63 - index_bits further fraction bits. A cell lying wholly below or above its
     column's threshold theta = ceil(prob 2^(63-b)) has a fixed outcome (``fixed``); at most one cell
-    per column straddles theta (``fixed`` = -1), and only draws landing there (at most a fraction
-    C / 2^15: 1/256 at m = 6, 1/16 at m = 10) draw their low bits and compare them with the residual threshold in exact integer arithmetic.
+    per column straddles theta (``fixed`` = -1 - its cell index, counted over the stacked tables), and
+    only draws landing there (at most a fraction C / 2^15: 1/256 at m = 6, 1/16 at m = 10) draw their
+    low bits and compare them with the residual threshold in exact integer arithmetic.
     The law is the float64 table's law up to a resolution of 2^-63 in U / C. Several tables of equal
     size stack; table i occupies cells [i 2^index_bits, (i+1) 2^index_bits).
     """
@@ -175,7 +176,8 @@ class CellTable:
             lo, hi = i << self.low_bits, (i + 1) << self.low_bits   # the cell's fraction range [lo, hi)
             th = theta[col]
             f = torch.where(hi <= th, col, alias[col])
-            fixed.append(torch.where((lo < th) & (th < hi), -1, f))
+            straddling = (lo < th) & (th < hi)
+            fixed.append(torch.where(straddling, -1 - (cell + len(fixed) * cell.numel()), f))
             keep_id.append(col)
             alias_id.append(alias[col])
             residual.append(th - lo)
@@ -195,13 +197,17 @@ class CellTable:
         flat = j.view(-1)
         straddle = (flat < 0).nonzero().squeeze(1)
         if straddle.numel():
-            ks = k.reshape(-1).index_select(0, straddle)
-            if offset:
-                ks += ((straddle % k.shape[-1]) == k.shape[-1] - 1).long() * offset
+            ks = flat.index_select(0, straddle).neg_().sub_(1)          # the straddling cells themselves
             out = torch.where(low(straddle) < self.residual.index_select(0, ks), self.keep_id.index_select(0, ks),
                               self.alias_id.index_select(0, ks))
             flat.index_copy_(0, straddle, out if mask is None else out & mask)
         return j
+
+    def straddle_fraction(self, table: int) -> float:
+        """Share of table ``table``'s cells that straddle a threshold: the chance that a draw needs
+        fraction bits."""
+        n = 2 ** self.index_bits
+        return float((self.fixed[table * n:(table + 1) * n] < 0).double().mean())
 
     @functools.lru_cache(maxsize=4)
     def fixed_masked(self, mask: int) -> Tensor:
