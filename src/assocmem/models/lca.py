@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -68,18 +69,11 @@ class LCAModel(nn.Module):
         return cls(torch.cat(E), W_Q, W_K, None if identity_W_V else torch.cat(Vm),
                    train_embeddings=train_embeddings, uniform_attention=uniform_attention)
 
-    # --- value rows and attention scores over the vocabulary -------------------------------
-    def values(self, n_keys: int | None = None) -> Tensor:
-        """[S, K, d] value vectors W_V E[v] of the first K tokens (default all V+1)."""
-        keys = self.W_E if n_keys is None else self.W_E[:, :n_keys]
-        return keys if self.W_V is None else keys @ self.W_V.transpose(1, 2)
-
-    def score_table(self, n_keys: int | None = None) -> Tensor:
-        """[S, V+1, K] attention logits q(query token) . k(key token) / sqrt(d) for the first K keys
-        (default all V+1)."""
-        keys = self.W_E if n_keys is None else self.W_E[:, :n_keys]
+    # --- attention scores over the vocabulary ------------------------------------------------
+    def score_table(self) -> Tensor:
+        """[S, V+1, V+1] attention logits q(query token) . k(key token) / sqrt(d)."""
         Qv = self.W_E @ self.W_Q.transpose(1, 2)
-        Kv = keys @ self.W_K.transpose(1, 2)
+        Kv = self.W_E @ self.W_K.transpose(1, 2)
         return Qv @ Kv.transpose(1, 2) / math.sqrt(self.d_model)
 
     # --- forward paths -----------------------------------------------------------------------
@@ -106,15 +100,32 @@ class LCAModel(nn.Module):
         logits = a @ M: one B x K x (V+1) product per step instead of L x d^2 work per sequence.
         tests/test_lca_model.py proves equal logits and gradients to :meth:`forward_plain`.
         """
+        return self._count_forward(log_c, last)[0]
+
+    def _count_forward(self, log_c: Tensor, last: Tensor) -> tuple[Tensor, SimpleNamespace]:
+        """Logits [S, B, V+1] of :meth:`forward_counts` and the intermediates that
+        :meth:`count_loss_backward` reuses. One projection E [W_Q; W_K; W_V]^T serves all three maps."""
         S, B, K = log_c.shape
-        table = self.score_table(K)                                                    # [S, V+1, K]
-        rows = last + torch.arange(S, device=last.device)[:, None] * self.vocab_size
-        s = table.reshape(S * self.vocab_size, K).index_select(0, rows.view(-1)).view(S, B, K)
-        a = torch.softmax(s + log_c, dim=-1)
-        values = self.values(K)
-        if 2 * self.d_model < self.vocab_size:   # cheaper order when d is small: (a @ values) @ W_E^T
-            return (a @ values) @ self.W_E.transpose(1, 2)
-        return a @ (values @ self.W_E.transpose(1, 2))
+        V1, d = self.vocab_size, self.d_model
+        E, attn = self.W_E, not self.uniform_attention
+        f = SimpleNamespace(mats=([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else []),
+                            scale=1.0 / math.sqrt(d), via_d=2 * d < V1)   # via_d: (a @ values) @ W_E^T is cheaper
+        f.W_cat = torch.cat(f.mats, 1) if f.mats else None                                 # [S, n d, d]
+        f.P = E @ f.W_cat.transpose(1, 2) if f.mats else None                              # [S, V+1, n d]
+        f.Vv = f.P[:, :K, -d:] if self.W_V is not None else E[:, :K]                       # [S, K, d] values
+        if attn:
+            f.Qv, f.Kv = f.P[..., :d], f.P[:, :K, d:2 * d]
+            table = f.Qv @ f.Kv.transpose(1, 2)                                            # [S, V+1, K] / scale
+            f.rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
+            s = table.view(S * V1, K).index_select(0, f.rows).view(S, B, K)
+            f.a = torch.softmax(s.mul_(f.scale).add_(log_c), dim=-1)
+        else:
+            f.a = torch.softmax(log_c, dim=-1)
+        if f.via_d:
+            f.o = f.a @ f.Vv                                                               # [S, B, d]
+            return f.o @ E.transpose(1, 2), f
+        f.M = f.Vv @ E.transpose(1, 2)                                                     # [S, K, V+1]
+        return f.a @ f.M, f
 
     @torch.no_grad()
     def count_loss_backward(self, log_c: Tensor, last: Tensor, t: Tensor) -> Tensor:
@@ -122,32 +133,14 @@ class LCAModel(nn.Module):
         cross-entropy of :meth:`forward_counts` against targets t [S, B], returned as [S], with its
         gradient written into ``.grad`` of every trainable parameter. The same maths as autograd
         through :meth:`forward_counts` (tests/test_lca_model.py proves equal grads to the plain
-        path), in fewer passes: one projection E [W_Q; W_K; W_V]^T for all three maps, the softmax
-        cross-entropy gradient p - onehot(t) formed in place, no autograd graph.
+        path), in fewer passes: the softmax cross-entropy gradient p - onehot(t) formed in place,
+        no autograd graph.
         """
         S, B, K = log_c.shape
         V1, d = self.vocab_size, self.d_model
         E, attn = self.W_E, not self.uniform_attention
-        mats = ([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else [])
-        W_cat = torch.cat(mats, 1) if mats else None                                   # [S, n d, d]
-        P = E @ W_cat.transpose(1, 2) if mats else None                                # [S, V+1, n d]
-        Vv = P[:, :K, -d:] if self.W_V is not None else E[:, :K]                       # [S, K, d] values
-        scale = 1.0 / math.sqrt(d)
-        if attn:
-            Qv, Kv = P[..., :d], P[:, :K, d:2 * d]
-            table = Qv @ Kv.transpose(1, 2)                                            # [S, V+1, K] / scale
-            rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
-            s = table.view(S * V1, K).index_select(0, rows).view(S, B, K)
-            a = torch.softmax(s.mul_(scale).add_(log_c), dim=-1)
-        else:
-            a = torch.softmax(log_c, dim=-1)
-        via_d = 2 * d < V1
-        if via_d:
-            o = a @ Vv                                                                 # [S, B, d]
-            z = o @ E.transpose(1, 2)
-        else:
-            M = Vv @ E.transpose(1, 2)                                                 # [S, K, V+1]
-            z = a @ M                                                                  # [S, B, V+1]
+        z, f = self._count_forward(log_c, last)
+        a, Vv, mats = f.a, f.Vv, f.mats
         # cross-entropy and its gradient G = (softmax(z) - onehot(t)) / B, per instance mean
         flat_t = (t + torch.arange(S * B, device=t.device).view(S, B) * V1).view(-1)
         z_t = z.view(-1).index_select(0, flat_t).view(S, B)
@@ -158,30 +151,30 @@ class LCAModel(nn.Module):
         G.div_(total)
         G.view(-1).index_add_(0, flat_t, torch.full_like(flat_t, -1.0, dtype=G.dtype))
         G.mul_(1.0 / B)
-        if via_d:
-            dE = G.transpose(1, 2) @ o                                                 # [S, V+1, d]
+        if f.via_d:
+            dE = G.transpose(1, 2) @ f.o                                               # [S, V+1, d]
             do = G @ E
             da = do @ Vv.transpose(1, 2)                                               # [S, B, K]
             dVv = a.transpose(1, 2) @ do                                               # [S, K, d]
         else:
             dM = a.transpose(1, 2) @ G                                                 # [S, K, V+1]
-            da = G @ M.transpose(1, 2)
+            da = G @ f.M.transpose(1, 2)
             dVv = dM @ E
             dE = dM.transpose(1, 2) @ Vv
         if mats:
-            dP = torch.zeros_like(P)
+            dP = torch.zeros_like(f.P)
         if attn:
             ds = (da - (a * da).sum(-1, keepdim=True)).mul_(a)                         # softmax backward
             dtable = torch.zeros(S * V1, K, dtype=ds.dtype, device=ds.device)
-            dtable = dtable.index_add_(0, rows, ds.view(S * B, K)).view(S, V1, K).mul_(scale)
-            dP[..., :d] = dtable @ Kv
-            dP[:, :K, d:2 * d] = dtable.transpose(1, 2) @ Qv
+            dtable = dtable.index_add_(0, f.rows, ds.view(S * B, K)).view(S, V1, K).mul_(f.scale)
+            dP[..., :d] = dtable @ f.Kv
+            dP[:, :K, d:2 * d] = dtable.transpose(1, 2) @ f.Qv
         if self.W_V is not None:
             dP[:, :K, -d:] = dVv
         else:
             dE[:, :K] += dVv
         if mats:
-            dE += dP @ W_cat
+            dE += dP @ f.W_cat
             dW = dP.transpose(1, 2) @ E                                                # [S, n d, d]
             for W, g in zip(mats, dW.split(d, 1)):
                 W.grad = g
