@@ -159,23 +159,21 @@ def loss_positions(outs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.gather(mask, -1, idx)
 
 
-def _member_stats(m, logits, y, outs, qpos, valid):
-    """Per-member losses/accuracies on a training batch. logits at qpos (or all positions)."""
-    if qpos is None:
-        ce = F.cross_entropy(logits.flatten(0, 2), y.flatten(), reduction="none").view(y.shape)
-        hit = (logits.argmax(-1) == y).float()
-        ic = (outs >= 2).float()
-        T = y.shape[-1]
-        r = {"loss_head": (ce, ic), "acc_end": (hit, ic), "loss_bigram": (ce, (outs == 0).float()),
-             "acc_tot": (hit, (outs >= 1).float()),
-             "acc_start": (hit, ((outs >= 1) & (torch.arange(T, device=y.device) < 10)).float())}
-        return {k: (v * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1) for k, (v, w) in r.items()}, ce
-    yq = torch.gather(y, 2, qpos)
-    ce = F.cross_entropy(logits.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
-    w = valid.float()
-    hit = (logits.argmax(-1) == yq).float()
-    return {"loss_head": (ce * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1),
-            "acc_end": (hit * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1)}, ce
+def _stat_parts(ce: torch.Tensor, hit: torch.Tensor, outs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-position (value, weight) pairs of the training statistics when every position is scored.
+    ce, hit, outs [S,B,T]."""
+    first10 = torch.arange(outs.shape[-1], device=outs.device) < 10
+    ic = (outs >= 2).float()
+    return {"loss_head": (ce, ic), "acc_end": (hit, ic), "loss_bigram": (ce, (outs == 0).float()),
+            "acc_tot": (hit, (outs >= 1).float()), "acc_start": (hit, ((outs >= 1) & first10).float())}
+
+
+def _member_stats(logits, y, outs):
+    """Per-member losses/accuracies on a training batch, logits at all positions: ([S] each, ce [S,B,T])."""
+    ce = F.cross_entropy(logits.flatten(0, 2), y.flatten(), reduction="none").view(y.shape)
+    hit = (logits.argmax(-1) == y).float()
+    r = _stat_parts(ce, hit, outs)
+    return {k: (v * w).sum((1, 2)) / w.sum((1, 2)).clamp(min=1) for k, (v, w) in r.items()}, ce
 
 
 def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, outs: torch.Tensor,
@@ -208,10 +206,7 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
             lg = loss_logits(model, xs)
             ce = F.cross_entropy(lg.flatten(0, 2), ys.flatten(), reduction="none").view(ys.shape)
             hit = (lg.detach().argmax(-1) == ys).float()
-            first10 = torch.arange(T, device=x.device) < 10
-            parts = {"loss_head": (ce.detach(), (os_ >= 2).float()), "acc_end": (hit, (os_ >= 2).float()),
-                     "loss_bigram": (ce.detach(), (os_ == 0).float()), "acc_tot": (hit, (os_ >= 1).float()),
-                     "acc_start": (hit, ((os_ >= 1) & first10).float())}
+            parts = _stat_parts(ce.detach(), hit, os_)
             total = ce.sum((1, 2)) / (B * T)
         for k, (v, m) in parts.items():
             sums[k] += (v * m).sum((1, 2))
@@ -307,7 +302,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
         else:
             x, y, outs = x.to(dev), y.to(dev), outs.to(dev)
             logits = model(x)
-            stats, ce = _member_stats(model, logits, y, outs, None, None)
+            stats, ce = _member_stats(logits, y, outs)
             per = ce.mean((1, 2)) if o.loss == "all" else stats["loss_head"]
             alive &= torch.isfinite(per.detach()).cpu()
             total = per[alive.to(dev)].sum() if alive.any() else per.sum() * 0
