@@ -41,6 +41,22 @@ def test_parameter_count_and_stacking():
         assert torch.equal(s.state_dict()[k][1], v[0])
 
 
+def test_init_scale_zero_is_birth_top_down_start():
+    """init_scale scales only the trained attention matrices; at 0, W_O^2 = 0 makes layer-2 attention
+    irrelevant, so W_K^2 gets exactly zero gradient while W_O^2 gets a non-zero one (top-down start)."""
+    g = lambda: [torch.Generator().manual_seed(3)]  # noqa: E731
+    ref = SimplifiedInduction(g(), 65, 16, 32).state_dict()
+    half = SimplifiedInduction(g(), 65, 16, 32, init_scale=0.5).state_dict()
+    for k, v in ref.items():
+        want = 0.5 * v if k in ("W_K1", "W_K2", "W_O2") else v
+        assert torch.equal(half[k], want), k
+    m = SimplifiedInduction(g(), 65, 16, 32, init_scale=0.0)
+    z = torch.randint(0, 65, (1, 4, 32), generator=torch.Generator().manual_seed(1))
+    m(z).logsumexp(-1).sum().backward()
+    assert float(m.W_K2.grad.abs().max()) == 0.0
+    assert float(m.W_O2.grad.abs().max()) > 0.0
+
+
 def test_c5_probes_ideal_vs_random():
     m = SimplifiedInduction([torch.Generator().manual_seed(0)], 65, 256, 256)
     p0 = memory_probes(m, 256)

@@ -47,6 +47,13 @@ def test_freeze_schedule(spec, shared_data):
         replace(cfg, **{"optim.freeze_until": ["W_K1"]})
 
 
+def test_init_scale_reaches_the_model(spec, shared_data):
+    from assocmem.runners.induction import build_model
+    cfg = _cfg(spec, shared_data, **{"model.init_scale": 0.0})
+    m = build_model(cfg, [torch.Generator().manual_seed(0)])
+    assert float(m.W_K2.abs().max()) == 0.0 and float(m.W_V2.abs().max()) > 0.0
+
+
 def test_generic_model_runs(spec, shared_data):
     r = spec.run(_cfg(spec, shared_data, **{"model.kind": "generic", "optim.name": "adamw",
                                              "optim.lr": 0.01, "optim.loss": "all", "eval.T_test": []}))

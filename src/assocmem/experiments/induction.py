@@ -73,10 +73,10 @@ SCALES = {
                    d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
                    generic_steps=10, gap=2, d_gen=32, T_gen=32),   # pipeline test only
     "quick": Scale(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
-                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=5,
+                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=20,
                    generic_steps=300, lr=0.1, lr4=0.3, lr_ws=0.3, d_gen=64, T_gen=64),
     "paper": Scale(d=256, T=256, steps=1000, batch=512, eval_batch=512, eval_every=50, T_test=(512, 1024), long_batch=24,
-                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=32, per_cell=10,
+                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=32, per_cell=20,
                    generic_steps=600, lr=0.03, lr4=0.3, lr_ws=0.1, d_gen=128, T_gen=256),
 }
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 POS_KINDS = ("ape", "ape_learned", "ape_sinusoidal", "rope", "rel_bias", "none")
 FFN_KINDS = ("none", "linear", "mlp")
+ATTN_MATS = ("W_K1", "W_V1", "W_O1", "W_K2", "W_V2", "W_O2")
 
 
 def linear_init(shape: Sequence[int], fan_in: int, g: torch.Generator) -> Tensor:
@@ -85,7 +86,10 @@ class SimplifiedInduction(nn.Module):
 
     def __init__(self, generators: Sequence[torch.Generator], N: int, d_model: int = 256, n_ctx: int = 1024,
                  pos: str = "ape", ffn: str = "none", emb_scale: float = 1.0, scale_scores: bool = True,
-                 tie_unembed: bool = False, ffn_input: str = "residual", trainable: Sequence[str] = ()):
+                 tie_unembed: bool = False, ffn_input: str = "residual", trainable: Sequence[str] = (),
+                 init_scale: float = 1.0):
+        """init_scale multiplies the initial values of the trained attention matrices (W_K1, W_K2, W_O2 by
+        default) after they are drawn: 1 = PyTorch's Linear init, 0 = zero init (Birth's top-down theory)."""
         super().__init__()
         if pos not in POS_KINDS:
             raise ValueError(f"pos: {pos!r} is not allowed (allowed: {', '.join(POS_KINDS)})")
@@ -121,6 +125,8 @@ class SimplifiedInduction(nn.Module):
             trainable.add("b_rel")
         for k, v in w.items():
             t = torch.stack(v)
+            if k in trainable and k in ATTN_MATS:
+                t = t * init_scale
             if k in trainable:
                 self.register_parameter(k, nn.Parameter(t))
             else:

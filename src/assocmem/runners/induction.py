@@ -50,6 +50,8 @@ class InductionModelConfig:
     scale_scores: bool = param(True, help="attention scores divided by sqrt(d)")
     tie_unembed: bool = param(False, help="W_U = W_E / sqrt(d)")
     trainable: tuple[str, ...] = param(("W_K1", "W_K2", "W_O2"), help="simplified model's trained matrices")
+    init_scale: float = param(1.0, lo=0.0, hi=10.0, help="simplified model: trained attention matrices start at "
+                              "init_scale x PyTorch's Linear init (0 = zero init, Birth's top-down theory)")
     n_heads: int = param(1, lo=1, hi=64, help="generic model")
     n_layers: int = param(2, lo=1, hi=12, help="generic model")
     parallel_ffn: bool = param(False, help="generic model: FFN reads the block input's norm")
@@ -134,7 +136,8 @@ def build_model(cfg: InductionConfig, generators: Sequence[torch.Generator], N: 
         pos = m.pos if m.pos in ("ape_learned", "ape_sinusoidal") else "ape_learned"
         return GenericTransformer(generators, N, m.d_model, m.n_ctx, m.n_layers, m.n_heads, pos, m.parallel_ffn)
     return SimplifiedInduction(generators, N, m.d_model, m.n_ctx, pos=m.pos, ffn=m.ffn, emb_scale=m.emb_scale,
-                               scale_scores=m.scale_scores, tie_unembed=m.tie_unembed, trainable=m.trainable)
+                               scale_scores=m.scale_scores, tie_unembed=m.tie_unembed, trainable=m.trainable,
+                               init_scale=m.init_scale)
 
 
 def load_model(cfg: InductionConfig, weights: dict[str, torch.Tensor]):
