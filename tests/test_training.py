@@ -30,3 +30,28 @@ def test_optimizer_matches_torch_optim(name, extra):
             o.step()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_blas_matmul_equals_torch_and_keeps_autograd():
+    from assocmem import blas
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 65, 40, generator=g), torch.randn(3, 64, 40, generator=g)
+    fast = blas.matmul(a, b.transpose(1, 2))                   # strided (transposed) operand
+    assert not fast.requires_grad
+    torch.testing.assert_close(fast, a @ b.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    w = b.clone().requires_grad_()
+    out = blas.matmul(a, w.transpose(1, 2))                    # needs autograd: torch's product
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, a.sum(1, keepdim=True).expand_as(w))
+
+
+def test_forked_call_returns_results_and_raises_child_errors():
+    from assocmem.training import CAN_FORK, ForkedCall
+    if not CAN_FORK:
+        pytest.skip("fork is used on Linux only")
+    assert ForkedCall(lambda n: torch.arange(n) * 2, 5).result().tolist() == [0, 2, 4, 6, 8]
+
+    def boom(_):
+        raise ValueError("bad member")
+    with pytest.raises(RuntimeError, match="ValueError: bad member"):
+        ForkedCall(boom, None).result()

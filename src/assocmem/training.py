@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import os
+import pickle
+import signal
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
@@ -106,27 +111,85 @@ def finite_members(*tensors: torch.Tensor) -> torch.Tensor:
 
 def run_split(run_stack: Callable[[Sequence], list], configs: Sequence, *, small: bool = False,
               min_size: int = 2) -> list:
-    """Run a stack of same-shaped configs as contiguous parts in parallel threads, one per torch
+    """Run a stack of same-shaped configs as contiguous parts in parallel, one part per torch
     thread, each part single-threaded inside torch; results in the order of ``configs``.
 
     Small stacked ops gain little from torch's intra-op threads (their sync costs about as much as the
     work, and on a busy machine a descheduled thread stalls every op), while independent parts of a
-    stack keep every core busy: their kernels release the GIL. Members are independent, so the
-    results equal one stack's (and each single run's). A stack too small to split runs whole: with
-    all torch threads, or with one if ``small`` (tiny models). A sweep worker process with one torch
-    thread runs its stack whole.
+    stack keep every core busy. Parts run in forked child processes where the platform can fork
+    (threads would serialise on the GIL: a step is ~100 small torch calls) and in threads elsewhere.
+    Members are independent, so the results equal one stack's (and each single run's). A stack too
+    small to split runs whole: with all torch threads, or with one if ``small`` (tiny models). A sweep
+    worker process with one torch thread runs its stack whole.
     """
     threads = torch.get_num_threads()
     n = min(threads, len(configs) // min_size)
     if n < 2 and not small:
         return run_stack(configs)
-    torch.set_num_threads(1)          # threads started from here initialise torch with one thread
+    torch.set_num_threads(1)          # forked children and new threads start with one torch thread
     try:
         if n < 2:
             return run_stack(configs)
         bounds = [round(i * len(configs) / n) for i in range(n + 1)]
         parts = [configs[a:b] for a, b in zip(bounds, bounds[1:])]
-        with cf.ThreadPoolExecutor(n) as pool:
-            return [r for part in pool.map(run_stack, parts) for r in part]
+        if not CAN_FORK:
+            with cf.ThreadPoolExecutor(n) as pool:
+                return [r for part in pool.map(run_stack, parts) for r in part]
+        children = [ForkedCall(run_stack, part) for part in parts[1:]]
+        try:
+            first = run_stack(parts[0])
+        except BaseException:
+            for child in children:
+                child.kill()
+            raise
+        return first + [r for child in children for r in child.result()]
     finally:
         torch.set_num_threads(threads)
+
+
+CAN_FORK = sys.platform.startswith("linux")     # fork with torch loaded is safe on Linux; elsewhere threads
+
+
+class ForkedCall:
+    """``fn(arg)`` computed in a forked child process; :meth:`result` waits for it.
+
+    The child inherits the parent's memory (no re-import, no pickled inputs) and sends back only the
+    pickled result through a pipe; an exception in the child is raised again in the parent as a
+    RuntimeError carrying the child's traceback. Used for CPU-bound torch work only, after
+    ``torch.set_num_threads(1)``, as PyTorch's own DataLoader workers do.
+    """
+
+    def __init__(self, fn: Callable, arg):
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:                              # child: compute, write, exit without cleanup
+            code = 1
+            try:
+                os.close(r)
+                try:
+                    payload = pickle.dumps((True, fn(arg)), protocol=pickle.HIGHEST_PROTOCOL)
+                except BaseException as e:  # noqa: BLE001 - reported to the parent
+                    payload = pickle.dumps((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                with os.fdopen(w, "wb") as f:
+                    f.write(payload)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.fd = r
+
+    def result(self):
+        with os.fdopen(self.fd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        if not data:
+            raise RuntimeError(f"child process {self.pid} ended without a result (wait status {status})")
+        ok, value = pickle.loads(data)
+        if not ok:
+            raise RuntimeError(f"in child process {self.pid}: {value}")
+        return value
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)

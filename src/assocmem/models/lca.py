@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tasks.lca import counts as token_counts
+from ..blas import matmul as _mm
 
 
 def linear_init(S: int, d: int, g: torch.Generator) -> Tensor:
@@ -35,9 +36,10 @@ def _log_table(n: int) -> Tensor:
 def log_counts(c: Tensor, n_max: int | None = None) -> Tensor:
     """log of non-negative integer counts (log 0 = -inf) by table lookup (torch.log is ~15x slower on
     tensors with many zeros). ``n_max`` bounds the counts (e.g. the context length), saving a pass."""
-    c = c.long()
+    if c.dtype not in (torch.int32, torch.int64):
+        c = c.long()
     table = _log_table(int(c.max()) if n_max is None else n_max).to(c.device)
-    return table.index_select(0, c.view(-1)).view(c.shape)
+    return table.index_select(0, c.reshape(-1)).view(c.shape)
 
 
 class LCAModel(nn.Module):
@@ -111,71 +113,71 @@ class LCAModel(nn.Module):
         f = SimpleNamespace(mats=([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else []),
                             scale=1.0 / math.sqrt(d), via_d=2 * d < V1)   # via_d: (a @ values) @ W_E^T is cheaper
         f.W_cat = torch.cat(f.mats, 1) if f.mats else None                                 # [S, n d, d]
-        f.P = E @ f.W_cat.transpose(1, 2) if f.mats else None                              # [S, V+1, n d]
+        f.P = _mm(E, f.W_cat.transpose(1, 2)) if f.mats else None                              # [S, V+1, n d]
         f.Vv = f.P[:, :K, -d:] if self.W_V is not None else E[:, :K]                       # [S, K, d] values
         if attn:
             f.Qv, f.Kv = f.P[..., :d], f.P[:, :K, d:2 * d]
-            table = f.Qv @ f.Kv.transpose(1, 2)                                            # [S, V+1, K] / scale
+            table = _mm(f.Qv, f.Kv.transpose(1, 2)).mul_(f.scale)                            # [S, V+1, K]
             f.rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
             s = table.view(S * V1, K).index_select(0, f.rows).view(S, B, K)
-            f.a = torch.softmax(s.mul_(f.scale).add_(log_c), dim=-1)
+            f.a = torch.softmax(s.add_(log_c), dim=-1)
         else:
             f.a = torch.softmax(log_c, dim=-1)
         if f.via_d:
-            f.o = f.a @ f.Vv                                                               # [S, B, d]
-            return f.o @ E.transpose(1, 2), f
-        f.M = f.Vv @ E.transpose(1, 2)                                                     # [S, K, V+1]
-        return f.a @ f.M, f
+            f.o = _mm(f.a, f.Vv)                                                               # [S, B, d]
+            return _mm(f.o, E.transpose(1, 2)), f
+        f.M = _mm(f.Vv, E.transpose(1, 2))                                                     # [S, K, V+1]
+        return _mm(f.a, f.M), f
 
     @torch.no_grad()
-    def count_loss_backward(self, log_c: Tensor, last: Tensor, t: Tensor) -> Tensor:
+    def count_loss_backward(self, log_c: Tensor, last: Tensor, t: Tensor, need_loss: bool = True) -> Tensor | None:
         """Training step of the count path with hand-written gradients: the per-instance mean
-        cross-entropy of :meth:`forward_counts` against targets t [S, B], returned as [S], with its
-        gradient written into ``.grad`` of every trainable parameter. The same maths as autograd
-        through :meth:`forward_counts` (tests/test_lca_model.py proves equal grads to the plain
-        path), in fewer passes: the softmax cross-entropy gradient p - onehot(t) formed in place,
-        no autograd graph.
+        cross-entropy of :meth:`forward_counts` against targets t [S, B], returned as [S] (None
+        unless ``need_loss``: the gradient does not need it), with its gradient written into
+        ``.grad`` of every trainable parameter. The same maths as autograd through
+        :meth:`forward_counts` (tests/test_lca_model.py proves equal grads to the plain path), in
+        fewer passes: the softmax cross-entropy gradient p - onehot(t) formed in place, the 1/B of
+        the mean applied to the small [S, K, .] products, no autograd graph.
         """
         S, B, K = log_c.shape
         V1, d = self.vocab_size, self.d_model
         E, attn = self.W_E, not self.uniform_attention
         z, f = self._count_forward(log_c, last)
         a, Vv, mats = f.a, f.Vv, f.mats
-        # cross-entropy and its gradient G = (softmax(z) - onehot(t)) / B, per instance mean
+        # cross-entropy and B times its gradient, G = softmax(z) - onehot(t)
         flat_t = (t + torch.arange(S * B, device=t.device).view(S, B) * V1).view(-1)
-        z_t = z.view(-1).index_select(0, flat_t).view(S, B)
-        z_max = z.amax(-1, keepdim=True)
-        G = z.sub_(z_max).exp_()
-        total = G.sum(-1, keepdim=True)
-        loss = (total.log().add_(z_max).squeeze(-1) - z_t).mean(1)
-        G.div_(total)
+        loss = None
+        if need_loss:
+            z_t = z.view(-1).index_select(0, flat_t).view(S, B)
+            loss = (torch.logsumexp(z, -1) - z_t).mean(1)
+        G = torch.softmax(z, -1)
         G.view(-1).index_add_(0, flat_t, torch.full_like(flat_t, -1.0, dtype=G.dtype))
-        G.mul_(1.0 / B)
+        inv_B = 1.0 / B
         if f.via_d:
-            dE = G.transpose(1, 2) @ f.o                                               # [S, V+1, d]
-            do = G @ E
-            da = do @ Vv.transpose(1, 2)                                               # [S, B, K]
-            dVv = a.transpose(1, 2) @ do                                               # [S, K, d]
+            dE = _mm(G.transpose(1, 2), f.o).mul_(inv_B)                                 # [S, V+1, d]
+            do = _mm(G, E)
+            da = _mm(do, Vv.transpose(1, 2))                                               # [S, B, K] (x B)
+            dVv = _mm(a.transpose(1, 2), do).mul_(inv_B)                                 # [S, K, d]
         else:
-            dM = a.transpose(1, 2) @ G                                                 # [S, K, V+1]
-            da = G @ f.M.transpose(1, 2)
-            dVv = dM @ E
-            dE = dM.transpose(1, 2) @ Vv
+            dM = _mm(a.transpose(1, 2), G).mul_(inv_B)                                   # [S, K, V+1]
+            da = _mm(G, f.M.transpose(1, 2))                                               # [S, B, K] (x B)
+            dVv = _mm(dM, E)
+            dE = _mm(dM.transpose(1, 2), Vv)
         if mats:
             dP = torch.zeros_like(f.P)
         if attn:
-            ds = (da - (a * da).sum(-1, keepdim=True)).mul_(a)                         # softmax backward
+            ds = torch._softmax_backward_data(da, a, -1, a.dtype)                     # (x B)
             dtable = torch.zeros(S * V1, K, dtype=ds.dtype, device=ds.device)
-            dtable = dtable.index_add_(0, f.rows, ds.view(S * B, K)).view(S, V1, K).mul_(f.scale)
-            dP[..., :d] = dtable @ f.Kv
-            dP[:, :K, d:2 * d] = dtable.transpose(1, 2) @ f.Qv
+            dtable = dtable.index_add_(0, f.rows, ds.view(S * B, K)).view(S, V1, K).mul_(f.scale * inv_B)
+            dP[..., :d] = _mm(dtable, f.Kv)
+            dP[:, :K, d:2 * d] = _mm(dtable.transpose(1, 2), f.Qv)
         if self.W_V is not None:
             dP[:, :K, -d:] = dVv
         else:
             dE[:, :K] += dVv
         if mats:
-            dE += dP @ f.W_cat
-            dW = dP.transpose(1, 2) @ E                                                # [S, n d, d]
+            dE += _mm(dP, f.W_cat)
+            dW = _mm(dP.transpose(1, 2), E)                                                # [S, n d, d]
             for W, g in zip(mats, dW.split(d, 1)):
                 W.grad = g
         if E.requires_grad:
@@ -186,7 +188,7 @@ class LCAModel(nn.Module):
         """x [S, B, L] -> logits [S, B, V+1] via the ``count`` (default) or ``plain`` path."""
         if path == "plain":
             return self.forward_plain(x)
-        return self.forward_counts(log_counts(token_counts(x, self.vocab_size, torch.long), x.shape[-1]),
+        return self.forward_counts(log_counts(token_counts(x, self.vocab_size, torch.int32), x.shape[-1]),
                                    x[..., -1])
 
     def attention_map(self, n_real: int) -> Tensor:

@@ -93,7 +93,7 @@ def sample_counts(task: LCATask, batch: int, generators: list[torch.Generator],
     """The same draws as :func:`sample_stack`, reduced to what the count path needs:
     log counts of the V real tokens [S, B, V], query ids [S, B], targets [S, B]."""
     x, t = sample_stack(task, batch, generators)
-    log_c = log_counts(counts(x, task.V, torch.long), task.L)
+    log_c = log_counts(counts(x, task.V, torch.int32), task.L)
     return log_c.to(device), x[..., -1].to(device), t.to(device)
 
 
@@ -166,15 +166,16 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     batches = count_batches(task, B, train_g, cfg.optim.steps, device) if cfg.model.path == "count" else None
     for step in range(cfg.optim.steps):
         opt.zero_grad()
+        tail = step >= cfg.optim.steps - 20              # the reported train loss averages these steps
         if batches is not None:              # hand-written gradients, equal to autograd's (tested)
-            loss = model.count_loss_backward(*next(batches))
+            loss = model.count_loss_backward(*next(batches), need_loss=tail)
         else:
             x, t = sample_stack(task, B, train_g, device)
             loss = F.cross_entropy(model.forward_plain(x).flatten(0, 1), t.flatten(), reduction="none")
             loss = loss.view(S, B).mean(1)
             loss.sum().backward()
         opt.step()
-        if step >= cfg.optim.steps - 20:
+        if tail:
             recent += loss.detach() / min(20, cfg.optim.steps)
     ok = finite_members(recent[:, None], *(p for p in model.parameters()))
     acc, eval_loss = evaluate(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
