@@ -47,6 +47,14 @@ def _case(name: str, threads: int, repeat: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads}
 
 
+def blas_info() -> str:
+    """numpy's BLAS and the kernels it runs (the count path's products go through it)."""
+    import numpy  # noqa: F401
+    import threadpoolctl
+    info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture', '?')})" for i in info) or "none"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -64,7 +72,7 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     one = next(r for r in rows if r["case"] == "count")
     ens = next(r for r in rows if r["case"] == "ens10")
-    summary = {"rows": rows, "ens10_over_single": ens["wall_s"] / one["wall_s"],
+    summary = {"rows": rows, "ens10_over_single": ens["wall_s"] / one["wall_s"], "blas": blas_info(),
                "plain_over_count": rows[0]["wall_s"] / one["wall_s"]}
     if args.json:
         print(json.dumps(summary))
@@ -73,6 +81,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:6} {r['seeds']:5d} {r['wall_s']:8.3f} {r['cpu_s']:8.3f} {r['wall_s_per_seed']:8.3f} "
               f"{r['accuracy']:6.3f} {r['peak_rss_mb']:8.0f}")
+    print(f"numpy BLAS: {blas_info()}")
     print(f"10-seed ensemble / one run: {summary['ens10_over_single']:.2f}x; "
           f"plain / count: {summary['plain_over_count']:.2f}x  (torch threads: {args.threads})")
 
