@@ -32,3 +32,13 @@ def test_plots_return_figures(tmp_path):
     df = pd.DataFrame({"N": [64, 128, 64, 128], "R": [2, 2, 4, 4], "dstar": [4, 6, 8, 12]})
     paths = ge.plots.save(gp.dstar_vs_logN(df, 0.5, 0.0), tmp_path, "x")
     assert all(p.exists() for p in paths)
+
+
+def test_e6_scales_have_a_verdict_cell():
+    """Every reproduce scale runs E6 at some R where the growth check is a verdict (not only trend-only cells),
+    with k = 1 and a k >= 3 so the R^(k-1) separation of the constructions is at least 9."""
+    from assocmem.experiments.geometric_common import E6_MIN_R, SCALES
+    for name, sc in SCALES.items():
+        assert max(sc.e6_R) >= E6_MIN_R, name
+        assert min(sc.e6_k) == 1 and max(sc.e6_k) >= 3, name
+        assert max(sc.e6_R) ** (max(sc.e6_k) - 1) >= 9, name

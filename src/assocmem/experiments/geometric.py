@@ -144,7 +144,7 @@ def e1(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> tuple
     text = ("Learned embeddings and unembedding, m = 4d, AdamW lr 1e-2, full batch, at most "
             f"{sc.max_steps} steps (patience {BASE_OPTIM['patience']}), {sc.seeds} seeds (one for N >= {BIG_N}); d* = "
             f"smallest d on the grid {list(sc.d_grid)} where at least half of the seeds reach 100%; the search starts "
-            "at d ~ 0.3 R log2 N and walks one grid step at a time (same threshold as bisection for monotone success).\n\n```\n{df.to_string(index=False)}\n```")
+            f"at d ~ 0.3 R log2 N and walks one grid step at a time (same threshold as bisection for monotone success).\n\n```\n{df.to_string(index=False)}\n```")
     return report.Family("E1 minimal dimension d*", ["figures/geo_e1_acc_vs_d.png", "figures/geo_e1_dstar.png"],
                          checks, text), df
 
