@@ -32,17 +32,26 @@ def test_optimizer_matches_torch_optim(name, extra):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_blas_matmul_equals_torch_and_keeps_autograd():
+def test_blas_matmul_equals_torch_with_and_without_autograd():
     from assocmem import blas
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 65, 40, generator=g), torch.randn(3, 64, 40, generator=g)
-    fast = blas.matmul(a, b.transpose(1, 2))                   # strided (transposed) operand
-    assert not fast.requires_grad
-    torch.testing.assert_close(fast, a @ b.transpose(1, 2), atol=1e-5, rtol=1e-5)
-    w = b.clone().requires_grad_()
-    out = blas.matmul(a, w.transpose(1, 2))                    # needs autograd: torch's product
-    out.sum().backward()
-    torch.testing.assert_close(w.grad, a.sum(1, keepdim=True).expand_as(w))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)                                   # the numpy route is single-threaded only
+    try:
+        assert blas._numpy_ok(a, b)
+        torch.testing.assert_close(blas.matmul(a, b.transpose(1, 2)), a @ b.transpose(1, 2), atol=1e-5, rtol=1e-5)
+        ours = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        ref = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        w = torch.randn(3, 65, 64, generator=g)
+        (blas.matmul(ours[0], ours[1].transpose(1, 2)) * w).sum().backward()
+        ((ref[0] @ ref[1].transpose(1, 2)) * w).sum().backward()
+        for x, y in zip(ours, ref):
+            torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    if before > 1:
+        assert not blas._numpy_ok(a, b)
 
 
 def test_forked_call_returns_results_and_raises_child_errors():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..blas import matmul
 from .induction import SimplifiedInduction, gather_rows
 
 FAST_POS = ("ape", "ape_sinusoidal", "rel_bias", "none")
@@ -65,7 +66,7 @@ def layer1_scores(m: SimplifiedInduction, z: Tensor) -> Tensor:
 
 def _rowmm(x: Tensor, W: Tensor) -> Tensor:
     """x [S,...,d_in] @ W [S,d_in,d_out] as one GEMM per instance -> [S,...,d_out]."""
-    return (x.reshape(x.shape[0], -1, x.shape[-1]) @ W).view(*x.shape[:-1], W.shape[-1])
+    return matmul(x.reshape(x.shape[0], -1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[-1])
 
 
 def layer1_output(m: SimplifiedInduction, z: Tensor, a1: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ def layer1_output(m: SimplifiedInduction, z: Tensor, a1: Tensor) -> Tensor:
     h1 = gather_rows(m.W_E, z) + _rowmm(a_tok, m.W_E @ M1t)
     if m.uses_ape:
         P = m.P[:, :T]
-        h1 = h1 + P[:, None] + (a1.reshape(S, B * T, T) @ (P @ M1t)).view(S, B, T, -1)
+        h1 = h1 + P[:, None] + matmul(a1.reshape(S, B * T, T), P @ M1t).view(S, B, T, -1)
     return h1
 
 
@@ -97,7 +98,7 @@ def loss_logits(m: SimplifiedInduction, z: Tensor, qpos: Tensor | None = None) -
         q2 = torch.gather(h1, 2, qpos[..., None].expand(-1, -1, -1, m.d_model))
         allowed = torch.arange(T, device=z.device) <= qpos[..., None]    # [S,B,Q,T]
     r = _rowmm(q2, m.W_K2 * m._c())                                       # rows c q^T W_K^2
-    a2 = (r @ h1.transpose(-1, -2)).masked_fill_(~allowed, float("-inf")).softmax(-1)
+    a2 = matmul(r, h1.transpose(-1, -2)).masked_fill_(~allowed, float("-inf")).softmax(-1)
     U_res = m.W_U if m.ffn == "none" else m.W_U + m.W_U @ m.W_F           # [S,N,d]
     U_att = U_res @ m.W_O2 @ m.W_V2                                       # [S,N,d]
-    return _rowmm(q2, U_res.transpose(1, 2)) + a2 @ _rowmm(h1, U_att.transpose(1, 2))
+    return _rowmm(q2, U_res.transpose(1, 2)) + matmul(a2, _rowmm(h1, U_att.transpose(1, 2)))
