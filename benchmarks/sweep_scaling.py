@@ -31,8 +31,8 @@ def ten_seeds(steps: int = 500) -> dict:
             "grid": {"seed": list(range(10))}}
 
 
-def measure(name: str, backend, stack: bool, steps: int, spec: dict | None = None) -> dict:
-    task, configs = expand_grid(spec or grid(steps))
+def measure(name: str, backend, stack: bool, spec: dict) -> dict:
+    task, configs = expand_grid(spec)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         rep = run_configs(task, configs, RunStore(tmp), backend=backend, stack=stack, progress=False)
@@ -48,20 +48,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = [
-        measure("local, 1 process, unstacked", LocalBackend(1), False, args.steps),
-        measure("local, 1 process, stacked", LocalBackend(1), True, args.steps),
-        measure("local, 2 processes, unstacked", LocalBackend(2), False, args.steps),
-        measure("local, 2 processes, stacked", LocalBackend(2), True, args.steps),
+        measure("local, 1 process, unstacked", LocalBackend(1), False, grid(args.steps)),
+        measure("local, 1 process, stacked", LocalBackend(1), True, grid(args.steps)),
+        measure("local, 2 processes, unstacked", LocalBackend(2), False, grid(args.steps)),
+        measure("local, 2 processes, stacked", LocalBackend(2), True, grid(args.steps)),
     ]
     rows += [
-        measure("10-seed grid, 1 process, unstacked", LocalBackend(1), False, 0, ten_seeds()),
-        measure("10-seed grid, 1 process, stacked", LocalBackend(1), True, 0, ten_seeds()),
+        measure("10-seed grid, 1 process, unstacked", LocalBackend(1), False, ten_seeds()),
+        measure("10-seed grid, 1 process, stacked", LocalBackend(1), True, ten_seeds()),
     ]
     if not args.skip_ray:
         import ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        rows.append(measure("ray (local, 2 CPUs), stacked", make_backend("ray"), True, args.steps))
-        rows.append(measure("ray (local, 2 CPUs), unstacked", make_backend("ray"), False, args.steps))
+        rows.append(measure("ray (local, 2 CPUs), stacked", make_backend("ray"), True, grid(args.steps)))
+        rows.append(measure("ray (local, 2 CPUs), unstacked", make_backend("ray"), False, grid(args.steps)))
         ray.shutdown()
     if args.json:
         print(json.dumps(rows))

@@ -21,25 +21,17 @@ import torch
 from torch import Tensor
 
 _USE_NUMPY = os.environ.get("ASSOCMEM_BLAS", "numpy") != "torch"
-_libs = None          # threadpoolctl controllers of numpy's BLAS, found on first use
-_threads = None       # the thread count last given to them
-
-
-def _numpy_blas_threads(n: int) -> None:
-    global _libs, _threads
-    if _libs is None:
-        import numpy  # noqa: F401 - loads the BLAS that threadpoolctl then finds
-        import threadpoolctl
-        _libs = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
-    if n != _threads:
-        for lib in _libs:
-            lib.set_num_threads(n)
-        _threads = n
+_one_thread = False   # numpy's BLAS set to one thread (once per process; forked children inherit it)
 
 
 def _np_matmul(a: Tensor, b: Tensor) -> Tensor:
+    global _one_thread
     import numpy as np
-    _numpy_blas_threads(1)
+    if not _one_thread:
+        import threadpoolctl
+        for lib in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers:
+            lib.set_num_threads(1)
+        _one_thread = True
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 

@@ -171,7 +171,6 @@ def fit_ratio_by_winners(logits: Tensor, z: Tensor, log_pi: Tensor, grid: Tensor
     median of the best ratios."""
     grid = torch.logspace(-2, 3, 201) if grid is None else grid
     win = logits.argmax(1)
-    best = []
     scores = []
     for rho in grid.tolist():
         rule = closed_form_logits(z, rho, 1.0, log_pi, "global")

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from ..tasks.lca import counts as token_counts
 from ..blas import matmul as _mm
+from ..tasks.lca import counts as token_counts
 
 
 def linear_init(S: int, d: int, g: torch.Generator) -> Tensor:
@@ -113,20 +113,20 @@ class LCAModel(nn.Module):
         f = SimpleNamespace(mats=([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else []),
                             scale=1.0 / math.sqrt(d), via_d=2 * d < V1)   # via_d: (a @ values) @ W_E^T is cheaper
         f.W_cat = torch.cat(f.mats, 1) if f.mats else None                                 # [S, n d, d]
-        f.P = _mm(E, f.W_cat.transpose(1, 2)) if f.mats else None                              # [S, V+1, n d]
+        f.P = _mm(E, f.W_cat.transpose(1, 2)) if f.mats else None                          # [S, V+1, n d]
         f.Vv = f.P[:, :K, -d:] if self.W_V is not None else E[:, :K]                       # [S, K, d] values
         if attn:
             f.Qv, f.Kv = f.P[..., :d], f.P[:, :K, d:2 * d]
-            table = _mm(f.Qv, f.Kv.transpose(1, 2)).mul_(f.scale)                            # [S, V+1, K]
+            table = _mm(f.Qv, f.Kv.transpose(1, 2)).mul_(f.scale)                          # [S, V+1, K]
             f.rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
             s = table.view(S * V1, K).index_select(0, f.rows).view(S, B, K)
             f.a = torch.softmax(s.add_(log_c), dim=-1)
         else:
             f.a = torch.softmax(log_c, dim=-1)
         if f.via_d:
-            f.o = _mm(f.a, f.Vv)                                                               # [S, B, d]
+            f.o = _mm(f.a, f.Vv)                                                           # [S, B, d]
             return _mm(f.o, E.transpose(1, 2)), f
-        f.M = _mm(f.Vv, E.transpose(1, 2))                                                     # [S, K, V+1]
+        f.M = _mm(f.Vv, E.transpose(1, 2))                                                 # [S, K, V+1]
         return _mm(f.a, f.M), f
 
     @torch.no_grad()
@@ -154,12 +154,12 @@ class LCAModel(nn.Module):
         G.view(-1).index_add_(0, flat_t, torch.full_like(flat_t, -1.0, dtype=G.dtype))
         inv_B = 1.0 / B
         if f.via_d:
-            dE = _mm(G.transpose(1, 2), f.o).mul_(inv_B)                                 # [S, V+1, d]
+            dE = _mm(G.transpose(1, 2), f.o).mul_(inv_B)                                   # [S, V+1, d]
             do = _mm(G, E)
             da = _mm(do, Vv.transpose(1, 2))                                               # [S, B, K] (x B)
-            dVv = _mm(a.transpose(1, 2), do).mul_(inv_B)                                 # [S, K, d]
+            dVv = _mm(a.transpose(1, 2), do).mul_(inv_B)                                   # [S, K, d]
         else:
-            dM = _mm(a.transpose(1, 2), G).mul_(inv_B)                                   # [S, K, V+1]
+            dM = _mm(a.transpose(1, 2), G).mul_(inv_B)                                     # [S, K, V+1]
             da = _mm(G, f.M.transpose(1, 2))                                               # [S, B, K] (x B)
             dVv = _mm(dM, E)
             dE = _mm(dM.transpose(1, 2), Vv)
