@@ -50,16 +50,20 @@ class Scale:
     e1_R4_N: tuple[int, ...] = ()        # extra N values run for R = 4 only (d*/(R log2 N) across N)
 
 
+# E1 d grid: steps of at most 1.25x from 8 up to 20, fine enough that rounding up to the next grid value cannot
+# by itself move d*/(R log2 N) by the 1.5x that E1's check allows (the old 8 -> 12 -> 16 steps were 1.5x and 1.33x)
+D_GRID = (2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 32, 48)
+
 SCALES = {
     "quick": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(64, 128, 256), e1_R=(2, 4),
-                   d_grid=(2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 48), max_steps=1500,
+                   d_grid=D_GRID, max_steps=1500,
                    e2_N=(32, 64, 128), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512),
                    e3_N=512, e3_d=(32,), e5_N=512, e5_d=64, e6_N=64, e6_R=(3,), e6_k=(1, 2, 3),
                    e6_grid=(4, 8, 16, 32, 64),
                    e5_knobs=("default", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
                    e5_max_steps=600, e5_t2_steps=300, e0_overlap_N=(256,)),
     "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(256,), e1_R=(1, 2, 4), e1_R4_N=(512, 1024),
-                   d_grid=(2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 48, 64), max_steps=1500,
+                   d_grid=D_GRID + (64,), max_steps=1500,
                    e2_N=(64, 128, 256), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
                    e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 3),
                    e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
