@@ -111,16 +111,17 @@ class LCATask:
         n_fields = batch * (L + 1)
         n_cell_words = -(-n_fields // 4)
         fields = words[..., :n_cell_words].view(torch.int16)[..., :n_fields].view(*lead, batch, L + 1)
-        k = torch.empty(*lead, batch, L, dtype=torch.long)
+        k = torch.empty(*lead, batch, L, dtype=torch.int32)       # int32 until the output: half the traffic
         torch.bitwise_and(fields[..., :L], 2 ** 15 - 1, out=k)
-        t = torch.bitwise_and(fields[..., L], V - 1).long()
+        t = torch.bitwise_and(fields[..., L], V - 1).int()
         reserve = words[..., n_cell_words:].reshape(-1, words.shape[-1] - n_cell_words)
         low = fraction_bits(reserve, generators, batch * L, self.cells.low_bits)
         j = self.cells.sample(k, low, last_table=1, mask=None if return_noise else V - 1)
+        x = torch.empty(j.shape, dtype=torch.long)
         if not return_noise:
-            return j.bitwise_xor_(t[..., None]), t
+            return torch.bitwise_xor(j, t[..., None], out=x), t.long()
         noise = (j[..., :-1] & V) != 0
-        return j.bitwise_and_(V - 1).bitwise_xor_(t[..., None]), t, noise
+        return torch.bitwise_xor(j.bitwise_and_(V - 1), t[..., None], out=x), t.long(), noise
 
     def sample(self, batch: int, generator: torch.Generator, return_noise: bool = False):
         """Draw ``batch`` sequences: x [batch, L] long, t [batch] long (and the noise mask)."""
@@ -187,20 +188,20 @@ class CellTable:
     def sample(self, k: Tensor, low: Callable[[Tensor], Tensor], last_table: int = 0,
                mask: int | None = None) -> Tensor:
         """k [..., n] cells in [0, 2^15) of table 0 (the last position: of ``last_table``) -> outcomes
-        [..., n] long (``& mask`` if given). ``low(idx)`` returns the fraction bits (int64 in
+        [..., n] int32 (``& mask`` if given). ``low(idx)`` returns the fraction bits (int64 in
         [0, 2^low_bits)) of the draws at flat indices idx, which come in ascending order."""
-        fixed = self.fixed if mask is None else self.fixed_masked(mask)
+        fixed = self.fixed_masked(-1 if mask is None else mask)
         j = fixed.index_select(0, k.reshape(-1)).view(k.shape)
         offset = last_table << self.index_bits
         if offset:
             j[..., -1] = fixed.index_select(0, k[..., -1].reshape(-1) + offset).view(j.shape[:-1])
         flat = j.view(-1)
-        straddle = (flat < 0).nonzero().squeeze(1)
+        straddle = _negative_positions(j.view(-1, j.shape[-1]))
         if straddle.numel():
-            ks = flat.index_select(0, straddle).neg_().sub_(1)          # the straddling cells themselves
+            ks = flat.index_select(0, straddle).long().neg_().sub_(1)   # the straddling cells themselves
             out = torch.where(low(straddle) < self.residual.index_select(0, ks), self.keep_id.index_select(0, ks),
                               self.alias_id.index_select(0, ks))
-            flat.index_copy_(0, straddle, out if mask is None else out & mask)
+            flat.index_copy_(0, straddle, (out if mask is None else out & mask).int())
         return j
 
     def straddle_fraction(self, table: int) -> float:
@@ -211,8 +212,17 @@ class CellTable:
 
     @functools.lru_cache(maxsize=4)
     def fixed_masked(self, mask: int) -> Tensor:
-        """``fixed`` with outcomes pre-masked (straddle markers kept), saving a pass per draw."""
-        return torch.where(self.fixed < 0, self.fixed, self.fixed & mask)
+        """``fixed`` as int32 with outcomes pre-masked (straddle markers kept; -1 keeps all bits),
+        saving a pass per draw."""
+        return torch.where(self.fixed < 0, self.fixed, self.fixed & mask).int()
+
+
+def _negative_positions(rows: Tensor) -> Tensor:
+    """Flat indices (ascending) of the negative entries of rows [n, w]: a min per row first, then
+    the search only in rows that have one (straddling draws are rare: ~2 in 1000 per draw)."""
+    hit = (rows.amin(1) < 0).nonzero().squeeze(1)
+    r, c = (rows.index_select(0, hit) < 0).nonzero(as_tuple=True)
+    return hit.index_select(0, r) * rows.shape[1] + c
 
 
 def fraction_bits(reserve: Tensor, generators: torch.Generator | Sequence[torch.Generator], per: int,
