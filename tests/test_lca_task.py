@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from assocmem.tasks.lca import LCATask, alias_table, context_table, hamming, latent_bits, mix
+from assocmem.tasks.lca import LCATask, _negative_positions, alias_table, context_table, hamming, latent_bits, mix
 
 
 def test_msb_first_ids_and_vocab():
@@ -158,3 +158,12 @@ def test_packed_fields_of_a_random_word_are_uniform_and_independent():
     for i, j in ((0, 1), (2, 3)):
         joint = top[:, i] * 8 + top[:, j]
         assert chisquare(torch.bincount(joint, minlength=64).numpy()).pvalue > 1e-3
+
+
+def test_negative_positions_equals_nonzero_over_all_entries():
+    g = torch.Generator().manual_seed(3)
+    for n, w, rate in ((40, 64, 0.01), (7, 5, 0.5), (3, 8, 0.0), (5, 4, 1.0)):
+        rows = torch.randint(0, 100, (n, w), generator=g, dtype=torch.int32)
+        rows[torch.rand(n, w, generator=g) < rate] *= -1
+        rows[rows == 0] = 1
+        assert torch.equal(_negative_positions(rows), (rows.view(-1) < 0).nonzero().squeeze(1))
