@@ -39,26 +39,23 @@ def _case(S: int, repeat: int) -> dict:
     T = collections.defaultdict(float)
     in_step = [False]
 
-    def timed(name, fn):
+    def timed(name, fn, only_in_step=False):
         def wrapper(*a, **k):
+            if only_in_step and not in_step[0]:
+                return fn(*a, **k)
             t = time.perf_counter()
             out = fn(*a, **k)
             T[name] += time.perf_counter() - t
             return out
         return wrapper
 
-    def step_products(fn):                # products inside the training step only (not evaluation's)
-        def wrapper(*a, **k):
-            if not in_step[0]:
-                return fn(*a, **k)
-            return timed("products", fn)(*a, **k)
-        return wrapper
-
     def training_step(fn):
+        timed_fn = timed("step", fn)
+
         def wrapper(*a, **k):
             in_step[0] = True
             try:
-                return timed("step", fn)(*a, **k)
+                return timed_fn(*a, **k)
             finally:
                 in_step[0] = False
         return wrapper
@@ -77,7 +74,7 @@ def _case(S: int, repeat: int) -> dict:
             yield item
 
     R.count_batches = count_batches
-    blas._np_matmul = step_products(blas._np_matmul)
+    blas._np_matmul = timed("products", blas._np_matmul, only_in_step=True)   # not evaluation's
     LCAModel.count_loss_backward = training_step(LCAModel.count_loss_backward)
     training.Optimizer.step = timed("optimiser", training.Optimizer.step)
     cfg = get_task("lca").make_config({"task": {"m": 6, "L": 64}, "model": {"d_model": 64},
