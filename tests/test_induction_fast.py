@@ -43,6 +43,11 @@ def test_loss_logits_and_grads_equal_naive(pos, ffn):
         torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
     with torch.no_grad():
         torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)
+        lg, hooks = loss_logits(m, z, return_attn=True)          # what evaluate() reads
+        _, ref_hooks = m(z, return_hooks=True)
+        torch.testing.assert_close(lg, ref_all, atol=1e-5, rtol=1e-5)
+        for k in ("attn1", "attn2"):
+            torch.testing.assert_close(hooks[k], ref_hooks[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +55,14 @@ def stats(shared_data):
     return load_stats(str(shared_data / "tinyshakespeare" / "input.txt"))
 
 
-@pytest.mark.parametrize("pos,ffn,loss", [("ape", "none", "icl"), ("rel_bias", "linear", "all"),
-                                          ("ape", "linear", "all")])
-def test_chunked_step_equals_full_batch_step(stats, pos, ffn, loss):
-    """Micro-batched backward (sorted chunks, per-chunk padding) == one full-batch backward of the
-    per-member mean loss, for a stack of 2 members."""
+@pytest.mark.parametrize("pos,ffn,loss,parts", [("ape", "none", "icl", 1), ("rel_bias", "linear", "all", 1),
+                                                ("ape", "linear", "all", 1), ("ape", "none", "icl", 3),
+                                                ("rel_bias", "linear", "all", 2)])
+def test_chunked_step_equals_full_batch_step(stats, pos, ffn, loss, parts):
+    """Micro-batched backward (sorted chunks, per-chunk padding; with ``parts`` > 1 dealt out to forked
+    processes) == one full-batch backward of the per-member mean loss, for a stack of 2 members."""
     ds = TriggerBigram(stats, 48, 5, True)
-    bs = [ds.sample(10, torch.Generator().manual_seed(i)) for i in range(2)]
+    bs = [ds.sample(10 if parts == 1 else 48, torch.Generator().manual_seed(i)) for i in range(2)]
     x, y, outs = (torch.stack([getattr(b, f) for b in bs]) for f in ("x", "y", "outs"))
     m = _model(pos, ffn)
     lg = m.naive_forward(x)
@@ -66,7 +72,7 @@ def test_chunked_step_equals_full_batch_step(stats, pos, ffn, loss):
     per.sum().backward()
     g_ref = _grads(m)
     m.zero_grad()
-    st = chunked_step(m, x, y, outs, loss, micro_batch=3)
+    st = chunked_step(m, x, y, outs, loss, micro_batch=3 if parts == 1 else 2, parts=parts)   # 24 chunks: 3 parts of 8
     torch.testing.assert_close(st["loss"], per.detach(), atol=1e-5, rtol=1e-5)
     acc = ((lg.argmax(-1) == y).float() * (outs >= 2)).sum((1, 2)) / (outs >= 2).sum((1, 2))
     torch.testing.assert_close(st["acc_end"], acc, atol=1e-6, rtol=0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.induction import SimplifiedInduction
+from ..models.induction_fast import loss_logits
 from ..tasks.induction import Batch, TriggerBigram, position_labels
 
 
@@ -78,7 +79,7 @@ def evaluate(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int
     for i in range(0, B, chunk):
         xs, ys, os_ = x[:, i:i + chunk], y[:, i:i + chunk], outs[:, i:i + chunk]
         if simplified:
-            lg, hk = m(xs, return_hooks=True)
+            lg, hk = loss_logits(m, xs, return_attn=True)
         else:
             lg, hk = m(xs, return_hooks=True)
             hk = {"attn1": hk["attn1"][:, :, 0], "attn2": hk["attn2"][:, :, 0]}

@@ -44,24 +44,62 @@ def supports_fast(m: SimplifiedInduction) -> bool:
             and set(m.trainable) <= {"W_K1", "W_K2", "W_O2", "W_F", "b_rel"})
 
 
-def layer1_scores(m: SimplifiedInduction, z: Tensor) -> Tensor:
-    """Layer-1 scores c x_t^T W_K^1 x_s + [b_{t-s}], causal positions only finite: [S,B,T,T]."""
-    S, B, T = z.shape
-    N = m.N
+class _Layer1Attention(torch.autograd.Function):
+    """a1 = softmax_s(score1(t, s) [+ bias_ts]) over s <= t from the [S,R,R] table K, with a
+    hand-written backward: the gradient of K is reduced straight from dscores (a scatter over key
+    tokens, index-adds over query tokens, sums over the batch), where autograd through the gathers
+    would zero-fill and scatter [S,B,T,R]-sized buffers."""
+
+    @staticmethod
+    def forward(ctx, K: Tensor, bias: Tensor | None, z: Tensor, N: int, ape: bool) -> Tensor:
+        S, B, T = z.shape
+        z_key = z[:, :, None, :].expand(S, B, T, T)                      # z_s at [., t, s]
+        G = gather_rows(K[:, :N, :N], z)                                 # [S,B,T,N]  K[z_t, n]
+        if ape:
+            G = G.add_(K[:, None, N:N + T, :N])                          # + K[N+t, n]
+            sc = gather_rows(K[:, :N, N:N + T], z)                       # K[z_t, N+s]
+            sc.add_(K[:, None, N:N + T, N:N + T]).add_(torch.gather(G, 3, z_key))
+        else:
+            sc = torch.gather(G, 3, z_key)
+        if bias is not None:
+            sc.add_(bias[:, None])
+        future = torch.ones(T, T, dtype=torch.bool, device=z.device).triu(1)
+        a1 = torch.softmax(sc.masked_fill_(future, float("-inf")), -1)
+        ctx.save_for_backward(a1, z)
+        ctx.N, ctx.ape, ctx.R, ctx.has_bias = N, ape, K.shape[1], bias is not None
+        return a1
+
+    @staticmethod
+    def backward(ctx, da1: Tensor):
+        a1, z = ctx.saved_tensors
+        N, ape, R = ctx.N, ctx.ape, ctx.R
+        S, B, T = z.shape
+        ds = torch._softmax_backward_data(da1, a1, -1, a1.dtype)         # 0 at future positions (a1 = 0)
+        D = torch.zeros(S, B, T, N, dtype=ds.dtype, device=ds.device)
+        D.scatter_add_(3, z[:, :, None, :].expand(S, B, T, T), ds)       # sum_s ds[t, s] [z_s = n]
+        rows = (z + torch.arange(S, device=z.device)[:, None, None] * N).view(-1)   # query token z_t
+        dK = torch.zeros(S, R, R, dtype=ds.dtype, device=ds.device)
+        dK[:, :N, :N] = torch.zeros(S * N, N, dtype=ds.dtype, device=ds.device).index_add_(
+            0, rows, D.view(-1, N)).view(S, N, N)
+        ds_sum = ds.sum(1) if ape or ctx.has_bias else None             # [S,T,T] over the batch
+        if ape:
+            dK[:, N:N + T, :N] = D.sum(1)
+            dK[:, :N, N:N + T] = torch.zeros(S * N, T, dtype=ds.dtype, device=ds.device).index_add_(
+                0, rows, ds.view(-1, T)).view(S, N, T)
+            dK[:, N:N + T, N:N + T] = ds_sum
+        return dK, ds_sum if ctx.has_bias else None, None, None, None
+
+
+def layer1_attention(m: SimplifiedInduction, z: Tensor) -> Tensor:
+    """Layer-1 attention softmax_s(c x_t^T W_K^1 x_s [+ b_{t-s}]) over s <= t: [S,B,T,T]."""
+    T = z.shape[-1]
     F = torch.cat([m.W_E, m.P[:, :T]], 1) if m.uses_ape else m.W_E      # [S,R,d]
     K = (F @ m.W_K1) @ F.transpose(1, 2) * m._c()                         # [S,R,R]
-    rows = gather_rows(K, z)                                              # [S,B,T,R]  K[z_t, :]
-    if m.uses_ape:
-        rows = rows + K[:, None, N:N + T]                                 # + K[N+t, :]
-    idx = z[:, :, None, :].expand(S, B, T, T)
-    sc = torch.gather(rows[..., :N], 3, idx)                              # K[., z_s]
-    if m.uses_ape:
-        sc = sc.add_(rows[..., N:N + T])                                  # K[., N+s]
+    bias = None
     if m.pos == "rel_bias":
         off = (torch.arange(T, device=z.device)[:, None] - torch.arange(T, device=z.device)[None, :]).clamp(min=0)
-        sc = sc + m.b_rel[:, off][:, None]
-    future = torch.ones(T, T, dtype=torch.bool, device=z.device).triu(1)
-    return sc.masked_fill_(future, float("-inf"))
+        bias = m.b_rel[:, off]                                            # [S,T,T]
+    return _Layer1Attention.apply(K, bias, z, m.N, m.uses_ape)
 
 
 def _rowmm(x: Tensor, W: Tensor) -> Tensor:
@@ -82,14 +120,18 @@ def layer1_output(m: SimplifiedInduction, z: Tensor, a1: Tensor) -> Tensor:
     return h1
 
 
-def loss_logits(m: SimplifiedInduction, z: Tensor, qpos: Tensor | None = None) -> Tensor:
-    """Logits [S,B,Q,N] at query positions qpos [S,B,Q] (None = all); equals m(z, qpos)."""
+def loss_logits(m: SimplifiedInduction, z: Tensor, qpos: Tensor | None = None, return_attn: bool = False):
+    """Logits [S,B,Q,N] at query positions qpos [S,B,Q] (None = all); equals m(z, qpos). With
+    ``return_attn`` also the attention hooks {"attn1": [S,B,T,T], "attn2": [S,B,Q,T]}."""
     if not supports_fast(m):
-        return m(z, qpos)
+        if not return_attn:
+            return m(z, qpos)
+        lg, hk = m(z, qpos, return_hooks=True)
+        return lg, {"attn1": hk["attn1"], "attn2": hk["attn2"]}
     S, B, T = z.shape
     if T > m.n_ctx:
         raise ValueError(f"sequence length {T} exceeds n_ctx={m.n_ctx}")
-    a1 = layer1_scores(m, z).softmax(-1)
+    a1 = layer1_attention(m, z)
     h1 = layer1_output(m, z, a1)                                          # [S,B,T,d]
     if qpos is None:
         q2 = h1
@@ -101,4 +143,5 @@ def loss_logits(m: SimplifiedInduction, z: Tensor, qpos: Tensor | None = None) -
     a2 = matmul(r, h1.transpose(-1, -2)).masked_fill_(~allowed, float("-inf")).softmax(-1)
     U_res = m.W_U if m.ffn == "none" else m.W_U + m.W_U @ m.W_F           # [S,N,d]
     U_att = U_res @ m.W_O2 @ m.W_V2                                       # [S,N,d]
-    return _rowmm(q2, U_res.transpose(1, 2)) + matmul(a2, _rowmm(h1, U_att.transpose(1, 2)))
+    logits = _rowmm(q2, U_res.transpose(1, 2)) + matmul(a2, _rowmm(h1, U_att.transpose(1, 2)))
+    return (logits, {"attn1": a1, "attn2": a2}) if return_attn else logits

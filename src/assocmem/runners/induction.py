@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, Seeds, param
-from ..training import DEVICES, resolve_device
+from ..training import CAN_FORK, DEVICES, ForkedCall, resolve_device
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..models.induction_fast import loss_logits
 from ..registry import RunResult, TaskSpec
@@ -70,7 +70,7 @@ class InductionOptimConfig:
     freeze_until: tuple[str, ...] = param((), help="'NAME:STEP' keeps NAME frozen until STEP (e.g. W_K1:300)")
     log_every: int = param(5, lo=1, hi=1_000_000)
     bias_lr_mult: float = param(1.0, lo=0.0, hi=1e6, help="lr multiplier of the RPE bias b_rel (one scalar per offset)")
-    micro_batch: int = param(32, lo=1, hi=65536, help="simplified model: sequences per forward/backward chunk "
+    micro_batch: int = param(8, lo=1, hi=65536, help="simplified model: sequences per forward/backward chunk "
                              "(gradients summed over chunks; equal to one full-batch step up to float rounding)")
 
     def validate(self) -> None:
@@ -180,45 +180,90 @@ def _member_stats(logits, y, outs):
 
 
 def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, outs: torch.Tensor,
-                 loss: str, micro_batch: int) -> dict[str, torch.Tensor]:
+                 loss: str, micro_batch: int, parts: int = 1) -> dict[str, torch.Tensor]:
     """Backward of the per-member mean loss over the whole batch, in chunks of ``micro_batch``
     sequences (grads accumulate into ``.grad``); returns per-member statistics [S] (detached).
 
     x, y, outs [S,B,T]. loss ``icl``: mean CE over outs >= 2, logits only at those positions (chunks
     hold sequences of similar in-context counts, each padded to its own max); ``all``: mean CE over all
-    positions. The normalisers are the full-batch counts, so the accumulated gradient is the full-batch one."""
+    positions. The normalisers are the full-batch counts, so the accumulated gradient is the full-batch one.
+    ``parts`` > 1 deals the chunks out to that many single-threaded parts, all but the first in
+    forked child processes (:class:`~assocmem.training.ForkedCall`; Linux), and adds up their gradients:
+    the same gradient up to the order of the float sums."""
     S, B, T = x.shape
     ic = outs >= 2
     n_ic = ic.sum((1, 2)).clamp(min=1).float()                              # [S]
     order = torch.argsort(ic.sum(-1).amax(0), stable=True) if loss == "icl" else torch.arange(B, device=x.device)
     keys = ("loss_head", "acc_end") if loss == "icl" else ("loss_head", "acc_end", "loss_bigram", "acc_tot", "acc_start")
-    sums = {k: torch.zeros(S, device=x.device) for k in keys + ("loss",)}
-    w_sum = {k: torch.zeros(S, device=x.device) for k in keys}
-    for idx in order.split(micro_batch):
-        xs, ys, os_ = x[:, idx], y[:, idx], outs[:, idx]
-        if loss == "icl":
-            qpos, valid = loss_positions(os_)
-            yq = torch.gather(ys, 2, qpos)
-            lg = loss_logits(model, xs, qpos)
-            ce = F.cross_entropy(lg.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
-            w = valid.float()
-            hit = (lg.detach().argmax(-1) == yq).float()
-            parts = {"loss_head": (ce.detach(), w), "acc_end": (hit, w)}
-            total = (ce * w).sum((1, 2)) / n_ic
-        else:
-            lg = loss_logits(model, xs)
-            ce = F.cross_entropy(lg.flatten(0, 2), ys.flatten(), reduction="none").view(ys.shape)
-            hit = (lg.detach().argmax(-1) == ys).float()
-            parts = _stat_parts(ce.detach(), hit, os_)
-            total = ce.sum((1, 2)) / (B * T)
-        for k, (v, m) in parts.items():
-            sums[k] += (v * m).sum((1, 2))
-            w_sum[k] += m.sum((1, 2))
-        sums["loss"] += total.detach()
-        total.sum().backward()
+    chunks = list(order.split(micro_batch))
+    parts = min(parts, len(chunks) // 8) if CAN_FORK else 1     # a fork costs about a chunk: split big steps only
+
+    def run(mine: list[torch.Tensor], child: bool = False):
+        if child:
+            for p in model.parameters():
+                p.grad = None
+        sums = {k: torch.zeros(S, device=x.device) for k in keys + ("loss",)}
+        w_sum = {k: torch.zeros(S, device=x.device) for k in keys}
+        for idx in mine:
+            _chunk_backward(model, x[:, idx], y[:, idx], outs[:, idx], loss, n_ic, B * T, sums, w_sum)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None} if child else None
+        return sums, w_sum, grads
+
+    if parts < 2:
+        sums, w_sum, _ = run(chunks)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # dealt in snake order (0, 1, .., p-1, p-1, .., 0, ..): chunks come sorted by size
+            deal = [[c for j, c in enumerate(chunks) if min(j % (2 * parts), 2 * parts - 1 - j % (2 * parts)) == i]
+                    for i in range(parts)]
+            kids = [ForkedCall(lambda c: run(c, child=True), deal[i]) for i in range(1, parts)]
+            try:
+                sums, w_sum, _ = run(deal[0])
+            except BaseException:
+                for kid in kids:
+                    kid.kill()
+                raise
+            params = dict(model.named_parameters())
+            for kid in kids:
+                k_sums, k_w, k_grads = kid.result()
+                for k in sums:
+                    sums[k] += k_sums[k]
+                for k in w_sum:
+                    w_sum[k] += k_w[k]
+                for n, g in k_grads.items():
+                    p = params[n]
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        finally:
+            torch.set_num_threads(threads)
     out = {k: sums[k] / w_sum[k].clamp(min=1) for k in keys}
     out["loss"] = sums["loss"]
     return out
+
+
+def _chunk_backward(model: SimplifiedInduction, xs, ys, os_, loss: str, n_ic, n_all: int, sums, w_sum) -> None:
+    """One chunk of :func:`chunked_step`: backward of its share of the loss, statistics added to sums."""
+    if loss == "icl":
+        qpos, valid = loss_positions(os_)
+        yq = torch.gather(ys, 2, qpos)
+        lg = loss_logits(model, xs, qpos)
+        ce = F.cross_entropy(lg.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
+        w = valid.float()
+        hit = (lg.detach().argmax(-1) == yq).float()
+        parts = {"loss_head": (ce.detach(), w), "acc_end": (hit, w)}
+        total = (ce * w).sum((1, 2)) / n_ic
+    else:
+        lg = loss_logits(model, xs)
+        ce = F.cross_entropy(lg.flatten(0, 2), ys.flatten(), reduction="none").view(ys.shape)
+        hit = (lg.detach().argmax(-1) == ys).float()
+        parts = _stat_parts(ce.detach(), hit, os_)
+        total = ce.sum((1, 2)) / n_all
+    for k, (v, m) in parts.items():
+        sums[k] += (v * m).sum((1, 2))
+        w_sum[k] += m.sum((1, 2))
+    sums["loss"] += total.detach()
+    total.sum().backward()
 
 
 def first_step(steps: list[int], values: list[float], level: float) -> float:
@@ -280,6 +325,9 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
         model.train()
         return r
 
+    # on the CPU, a step's chunks go to single-threaded forked parts, one per torch thread: the
+    # parts use numpy's BLAS and run the element-wise work without thread syncs (benchmarks/induction_speed.py)
+    parts = torch.get_num_threads() if simplified and dev.type == "cpu" else 1
     for step in range(o.steps + 1):
         log = step % o.log_every == 0 or step == o.steps
         if step % cfg.eval.every == 0 or step == o.steps:
@@ -296,7 +344,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
         x, y, outs, _ = _stack_batches(ds, o.batch, g_train)
         opt.zero_grad(set_to_none=True)
         if simplified:
-            stats = chunked_step(model, x.to(dev), y.to(dev), outs.to(dev), o.loss, o.micro_batch)
+            stats = chunked_step(model, x.to(dev), y.to(dev), outs.to(dev), o.loss, o.micro_batch, parts)
             per = stats.pop("loss")
             alive &= torch.isfinite(per).cpu()
             for p in params.values():   # members are independent: zero the grads of diverged ones
