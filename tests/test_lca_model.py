@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from assocmem.config import replace
-from assocmem.models.lca import LCAModel, log_counts
+from assocmem.models.lca import LCAModel
 from assocmem.registry import get_task
 from assocmem.runners.lca import model_from_weights
 from assocmem.tasks.lca import LCATask, counts
@@ -34,14 +34,14 @@ def test_count_path_equals_plain_path_logits_and_grads(kw, d):
     t = torch.randint(2 ** m, (S, 32), generator=g)
     out = {}
     V = 2 ** m
-    log_c = log_counts(counts(x, V), x.shape[-1])   # keys restricted to the V real tokens, as in training
+    c = counts(x, V)   # keys restricted to the V real tokens, as in training
     for path in ("plain", "count", "count_trimmed", "count_by_hand"):
         model.zero_grad()
         if path == "count_by_hand":
-            loss = model.count_loss_backward(log_c, x[..., -1], t).sum()
-            logits = model.forward_counts(log_c, x[..., -1]).detach()
+            loss = model.count_loss_backward(c, x[..., -1], t).sum()
+            logits = model.forward_counts(c, x[..., -1]).detach()
         else:
-            logits = model.forward_counts(log_c, x[..., -1]) if path == "count_trimmed" else model(x, path)
+            logits = model.forward_counts(c, x[..., -1]) if path == "count_trimmed" else model(x, path)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none")
             loss = loss.view(S, -1).mean(1).sum()      # members' mean losses, summed (as in training)
             loss.backward()
@@ -53,6 +53,22 @@ def test_count_path_equals_plain_path_logits_and_grads(kw, d):
         assert out[path][1].keys() == out["plain"][1].keys() and out["plain"][1]
         for name in out["plain"][1]:
             torch.testing.assert_close(out[path][1][name], out["plain"][1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_count_path_with_underflowing_exponentials_equals_plain_path():
+    """Scores spanning hundreds of nats: e^(score - row max) underflows to 0 for every token present in
+    some sequences; the count path then normalises per sequence, as the plain softmax does."""
+    model = _model(2, 4, 12)
+    with torch.no_grad():
+        model.W_Q.mul_(400.0)
+    task = LCATask(4, 12)
+    g = torch.Generator().manual_seed(3)
+    x = torch.stack([task.sample(64, g)[0] for _ in range(2)])
+    with torch.no_grad():
+        s = model.score_table()[:, :16, :16]
+        assert float((s.amax(-1) - s.amin(-1)).max()) > 200      # the fallback is exercised
+        torch.testing.assert_close(model.forward_counts(counts(x, 16), x[..., -1]), model.forward_plain(x),
+                                   atol=1e-3, rtol=1e-4)
 
 
 def test_plain_path_matches_per_position_definition():

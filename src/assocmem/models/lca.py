@@ -12,7 +12,6 @@ Shapes: W_E [S, V+1, d]; W_Q, W_K, W_V [S, d, d]; tokens x [S, B, L]; logits [S,
 """
 from __future__ import annotations
 
-import functools
 import math
 from types import SimpleNamespace
 
@@ -26,20 +25,6 @@ from ..tasks.lca import counts as token_counts
 def linear_init(S: int, d: int, g: torch.Generator) -> Tensor:
     """PyTorch's default bias-free Linear init, U(-1/sqrt(d), 1/sqrt(d)), for S instances."""
     return (torch.rand(S, d, d, generator=g) * 2 - 1) / math.sqrt(d)
-
-
-@functools.lru_cache(maxsize=16)
-def _log_table(n: int) -> Tensor:
-    return torch.log(torch.arange(n + 1, dtype=torch.float32))
-
-
-def log_counts(c: Tensor, n_max: int | None = None) -> Tensor:
-    """log of non-negative integer counts (log 0 = -inf) by table lookup (torch.log is ~15x slower on
-    tensors with many zeros). ``n_max`` bounds the counts (e.g. the context length), saving a pass."""
-    if c.dtype not in (torch.int32, torch.int64):
-        c = c.long()
-    table = _log_table(int(c.max()) if n_max is None else n_max).to(c.device)
-    return table.index_select(0, c.reshape(-1)).view(c.shape)
 
 
 class LCAModel(nn.Module):
@@ -91,23 +76,25 @@ class LCAModel(nn.Module):
         o = torch.einsum("sbl,sbld->sbd", a, v)
         return o @ self.W_E.transpose(1, 2)
 
-    def forward_counts(self, log_c: Tensor, last: Tensor) -> Tensor:
+    def forward_counts(self, c: Tensor, last: Tensor) -> Tensor:
         """Exact count-based forward: o depends only on token counts and the query token.
 
-        log_c [S, B, K] log counts of tokens 0..K-1 in x_1..x_L (the last token included; log 0 =
-        -inf); tokens >= K must not occur (the samplers never emit the unknown token, so they pass
-        K = V and the unknown key is skipped). last [S, B] query ids.
-        o = sum_v a_v W_V E[v] with a = softmax(s + log c), s_v = score(last, v): the count-weighted
-        softmax c_v e^{s_v} / sum c e^s. With M = values @ W_E^T [S, K, V+1] built once per step,
-        logits = a @ M: one B x K x (V+1) product per step instead of L x d^2 work per sequence.
+        c [S, B, K] float counts of tokens 0..K-1 in x_1..x_L (the last token included); tokens >= K
+        must not occur (the samplers never emit the unknown token, so they pass K = V and the unknown
+        key is skipped). last [S, B] query ids.
+        o = sum_v a_v W_V E[v] with a_v = c_v e^{s_v} / sum_u c_u e^{u_s}, s_v = score(last, v): the
+        softmax over positions grouped by token. The exponentials come from one [V+1, K] table per
+        step, e^{score - row max}, so a sequence costs a gather, a product and a normalisation.
+        With M = values @ W_E^T [S, K, V+1] built once per step, logits = a @ M: one B x K x (V+1)
+        product per step instead of L x d^2 work per sequence.
         tests/test_lca_model.py proves equal logits and gradients to :meth:`forward_plain`.
         """
-        return self._count_forward(log_c, last)[0]
+        return self._count_forward(c, last)[0]
 
-    def _count_forward(self, log_c: Tensor, last: Tensor) -> tuple[Tensor, SimpleNamespace]:
+    def _count_forward(self, c: Tensor, last: Tensor) -> tuple[Tensor, SimpleNamespace]:
         """Logits [S, B, V+1] of :meth:`forward_counts` and the intermediates that
         :meth:`count_loss_backward` reuses. One projection E [W_Q; W_K; W_V]^T serves all three maps."""
-        S, B, K = log_c.shape
+        S, B, K = c.shape
         V1, d = self.vocab_size, self.d_model
         E, attn = self.W_E, not self.uniform_attention
         f = SimpleNamespace(mats=([self.W_Q, self.W_K] if attn else []) + ([self.W_V] if self.W_V is not None else []),
@@ -119,10 +106,16 @@ class LCAModel(nn.Module):
             f.Qv, f.Kv = f.P[..., :d], f.P[:, :K, d:2 * d]
             table = _mm(f.Qv, f.Kv.transpose(1, 2)).mul_(f.scale)                          # [S, V+1, K]
             f.rows = (last + torch.arange(S, device=last.device)[:, None] * V1).view(-1)
-            s = table.view(S * V1, K).index_select(0, f.rows).view(S, B, K)
-            f.a = torch.softmax(s.add_(log_c), dim=-1)
+            w = torch.exp(table - table.amax(-1, keepdim=True))                            # in (0, 1]
+            w = w.view(S * V1, K).index_select(0, f.rows).view(S, B, K).mul_(c)
+            norm = w.sum(-1, keepdim=True)
+            if bool((norm == 0).any()):   # every present token's e^(s - max) underflowed: shift per row
+                s = table.view(S * V1, K).index_select(0, f.rows).view(S, B, K)
+                f.a = torch.softmax(s.add_(torch.log(c)), dim=-1)
+            else:
+                f.a = w.div_(norm)
         else:
-            f.a = torch.softmax(log_c, dim=-1)
+            f.a = c / c.sum(-1, keepdim=True)
         if f.via_d:
             f.o = _mm(f.a, f.Vv)                                                           # [S, B, d]
             return _mm(f.o, E.transpose(1, 2)), f
@@ -130,7 +123,7 @@ class LCAModel(nn.Module):
         return _mm(f.a, f.M), f
 
     @torch.no_grad()
-    def count_loss_backward(self, log_c: Tensor, last: Tensor, t: Tensor, need_loss: bool = True) -> Tensor | None:
+    def count_loss_backward(self, c: Tensor, last: Tensor, t: Tensor, need_loss: bool = True) -> Tensor | None:
         """Training step of the count path with hand-written gradients: the per-instance mean
         cross-entropy of :meth:`forward_counts` against targets t [S, B], returned as [S] (None
         unless ``need_loss``: the gradient does not need it), with its gradient written into
@@ -139,10 +132,10 @@ class LCAModel(nn.Module):
         fewer passes: the softmax cross-entropy gradient p - onehot(t) formed in place, the 1/B of
         the mean applied to the small [S, K, .] products, no autograd graph.
         """
-        S, B, K = log_c.shape
+        S, B, K = c.shape
         V1, d = self.vocab_size, self.d_model
         E, attn = self.W_E, not self.uniform_attention
-        z, f = self._count_forward(log_c, last)
+        z, f = self._count_forward(c, last)
         a, Vv, mats = f.a, f.Vv, f.mats
         # cross-entropy and B times its gradient, G = softmax(z) - onehot(t)
         flat_t = (t + torch.arange(S * B, device=t.device).view(S, B) * V1).view(-1)
@@ -188,8 +181,7 @@ class LCAModel(nn.Module):
         """x [S, B, L] -> logits [S, B, V+1] via the ``count`` (default) or ``plain`` path."""
         if path == "plain":
             return self.forward_plain(x)
-        return self.forward_counts(log_counts(token_counts(x, self.vocab_size, torch.int32), x.shape[-1]),
-                                   x[..., -1])
+        return self.forward_counts(token_counts(x, self.vocab_size), x[..., -1])
 
     def attention_map(self, n_real: int) -> Tensor:
         """[S, n, n] softmax_j(q_i . k_j / sqrt d) over the first n real tokens fed as one unmasked

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, Seeds, param
-from ..models.lca import LCAModel, log_counts
+from ..models.lca import LCAModel
 from ..registry import RunResult, TaskSpec
 from ..tasks.lca import LCATask, counts, task_for
 from ..training import DEVICES, OptimConfig, finite_members, make_optimizer, resolve_device, run_split
@@ -91,10 +91,9 @@ def sample_stack(task: LCATask, batch: int, generators: list[torch.Generator],
 def sample_counts(task: LCATask, batch: int, generators: list[torch.Generator],
                   device: torch.device | str = "cpu"):
     """The same draws as :func:`sample_stack`, reduced to what the count path needs:
-    log counts of the V real tokens [S, B, V], query ids [S, B], targets [S, B]."""
+    float counts of the V real tokens [S, B, V], query ids [S, B], targets [S, B]."""
     x, t = sample_stack(task, batch, generators)
-    log_c = log_counts(counts(x, task.V, torch.int32), task.L)
-    return log_c.to(device), x[..., -1].to(device), t.to(device)
+    return counts(x, task.V).to(device), x[..., -1].to(device), t.to(device)
 
 
 DRAW_BLOCK = 2   # training steps drawn together: fewer ops per step; larger blocks fall out of cache
@@ -102,14 +101,14 @@ DRAW_BLOCK = 2   # training steps drawn together: fewer ops per step; larger blo
 
 def count_batches(task: LCATask, batch: int, generators: list[torch.Generator], steps: int,
                   device: torch.device | str = "cpu"):
-    """Training batches of the count path for ``steps`` steps: yields (log_c, last, t) per step.
+    """Training batches of the count path for ``steps`` steps: yields (counts, last, t) per step.
     Batches are drawn ``DRAW_BLOCK`` steps at a time (one draw of block x batch sequences per
     instance), so a run's data depend on the block size but never on the stack it trains in."""
     for start in range(0, steps, DRAW_BLOCK):
         n = min(DRAW_BLOCK, steps - start)
-        log_c, last, t = sample_counts(task, n * batch, generators, device)
+        c, last, t = sample_counts(task, n * batch, generators, device)
         for i in range(0, n * batch, batch):
-            yield log_c[:, i:i + batch], last[:, i:i + batch], t[:, i:i + batch]
+            yield c[:, i:i + batch], last[:, i:i + batch], t[:, i:i + batch]
 
 
 def logits_and_targets(model: LCAModel, task: LCATask, batch: int, generators: list[torch.Generator],
@@ -119,8 +118,8 @@ def logits_and_targets(model: LCAModel, task: LCATask, batch: int, generators: l
     if path == "plain":
         x, t = sample_stack(task, batch, generators, device)
         return model.forward_plain(x), t
-    log_c, last, t = sample_counts(task, batch, generators, device)
-    return model.forward_counts(log_c, last), t
+    c, last, t = sample_counts(task, batch, generators, device)
+    return model.forward_counts(c, last), t
 
 
 @torch.no_grad()
