@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from assocmem.models.induction import SimplifiedInduction
 from assocmem.models.induction_fast import loss_logits, supports_fast
-from assocmem.runners.induction import chunked_step, loss_positions
+from assocmem.runners.induction import CHUNK_ELEMENTS, chunk_bounds, chunked_step, loss_positions
 from assocmem.tasks.induction import TriggerBigram, load_stats
 
 
@@ -85,3 +85,13 @@ def test_loss_positions_pad_per_chunk():
     qpos, valid = loss_positions(outs)
     assert qpos.shape == (1, 2, 2)
     assert qpos[0, 0].tolist() == [1, 3] and valid[0, 1].tolist() == [True, False] and qpos[0, 1, 0] == 3
+
+
+def test_chunk_bounds_cap_and_count_rule():
+    # cap: micro_batch, and the attention entries per chunk
+    assert chunk_bounds(None, 70, 32, CHUNK_ELEMENTS // 64) == [32, 32, 6]
+    assert chunk_bounds(None, 70, 32, CHUNK_ELEMENTS // 16) == [16, 16, 16, 16, 6]
+    assert chunk_bounds(None, 3, 32, 4 * CHUNK_ELEMENTS) == [1, 1, 1]
+    # sorted loss-position counts: a chunk ends before a count above 2 q + 16 (q = its first count)
+    assert chunk_bounds([1, 2, 3, 30, 31, 40, 90, 250], 8, 32, 1) == [3, 3, 1, 1]
+    assert chunk_bounds([5] * 40, 40, 32, 1) == [32, 8]

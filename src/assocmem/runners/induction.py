@@ -70,7 +70,7 @@ class InductionOptimConfig:
     freeze_until: tuple[str, ...] = param((), help="'NAME:STEP' keeps NAME frozen until STEP (e.g. W_K1:300)")
     log_every: int = param(5, lo=1, hi=1_000_000)
     bias_lr_mult: float = param(1.0, lo=0.0, hi=1e6, help="lr multiplier of the RPE bias b_rel (one scalar per offset)")
-    micro_batch: int = param(8, lo=1, hi=65536, help="simplified model: sequences per forward/backward chunk "
+    micro_batch: int = param(32, lo=1, hi=65536, help="simplified model: most sequences per forward/backward chunk "
                              "(gradients summed over chunks; equal to one full-batch step up to float rounding)")
 
     def validate(self) -> None:
@@ -181,12 +181,14 @@ def _member_stats(logits, y, outs):
 
 def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, outs: torch.Tensor,
                  loss: str, micro_batch: int, parts: int = 1) -> dict[str, torch.Tensor]:
-    """Backward of the per-member mean loss over the whole batch, in chunks of ``micro_batch``
-    sequences (grads accumulate into ``.grad``); returns per-member statistics [S] (detached).
+    """Backward of the per-member mean loss over the whole batch, in chunks of sequences (grads
+    accumulate into ``.grad``); returns per-member statistics [S] (detached).
 
-    x, y, outs [S,B,T]. loss ``icl``: mean CE over outs >= 2, logits only at those positions (chunks
-    hold sequences of similar in-context counts, each padded to its own max); ``all``: mean CE over all
-    positions. The normalisers are the full-batch counts, so the accumulated gradient is the full-batch one.
+    x, y, outs [S,B,T]. loss ``icl``: mean CE over outs >= 2, logits only at those positions; ``all``:
+    mean CE over all positions. The normalisers are the full-batch counts, so the accumulated gradient
+    is the full-batch one. Chunks (:func:`chunk_bounds`) hold at most ``micro_batch`` sequences and
+    keep their [S, n, T, T] attention buffers cache-sized; with ``icl`` they hold sequences of similar
+    in-context counts, each chunk padded to its own max.
     ``parts`` > 1 deals the chunks out to that many single-threaded parts, all but the first in
     forked child processes (:class:`~assocmem.training.ForkedCall`; Linux), and adds up their gradients:
     the same gradient up to the order of the float sums."""
@@ -195,7 +197,8 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
     n_ic = ic.sum((1, 2)).clamp(min=1).float()                              # [S]
     order = torch.argsort(ic.sum(-1).amax(0), stable=True) if loss == "icl" else torch.arange(B, device=x.device)
     keys = ("loss_head", "acc_end") if loss == "icl" else ("loss_head", "acc_end", "loss_bigram", "acc_tot", "acc_start")
-    chunks = list(order.split(micro_batch))
+    counts = ic.sum(-1).amax(0)[order].tolist() if loss == "icl" else None
+    chunks = list(order.split(chunk_bounds(counts, B, micro_batch, S * T * T)))
     parts = min(parts, len(chunks) // 8) if CAN_FORK else 1     # a fork costs about a chunk: split big steps only
 
     def run(mine: list[torch.Tensor], child: bool = False):
@@ -240,6 +243,30 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
     out = {k: sums[k] / w_sum[k].clamp(min=1) for k in keys}
     out["loss"] = sums["loss"]
     return out
+
+
+CHUNK_ELEMENTS = 2 ** 20      # attention entries S n T^2 per chunk: 4 MB fp32 buffers stay in cache
+
+
+def chunk_bounds(counts: list[int] | None, B: int, micro_batch: int, per_seq: int) -> list[int]:
+    """Sizes of consecutive chunks over B sequences for :func:`chunked_step`.
+
+    A chunk holds at most ``micro_batch`` sequences and at most CHUNK_ELEMENTS / ``per_seq`` (the
+    attention entries of one sequence across the stack), at least one. With ``counts`` (the sorted
+    numbers of loss positions, ascending) a chunk also ends before a sequence with more than
+    2 q + 16 of them, q the chunk's first count: padding every sequence to the chunk's max then
+    wastes at most about half of layer 2's work, and the rare trigger cycles (~T loss positions) no
+    longer inflate a whole chunk of ordinary sequences."""
+    cap = max(1, min(micro_batch, CHUNK_ELEMENTS // per_seq))
+    sizes, n, first = [], 0, 0
+    for i in range(B):
+        if n and (n == cap or (counts is not None and counts[i] > 2 * first + 16)):
+            sizes.append(n)
+            n = 0
+        if n == 0 and counts is not None:
+            first = counts[i]
+        n += 1
+    return sizes + [n]
 
 
 def _chunk_backward(model: SimplifiedInduction, xs, ys, os_, loss: str, n_ic, n_all: int, sums, w_sum) -> None:
