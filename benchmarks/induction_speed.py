@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--parts", type=int, help="forked parts of a step (default: --threads)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="fast,shortcut")
