@@ -1,7 +1,7 @@
 """Speed of one training step (forward + backward) of the simplified induction model, spec defaults
 (K = 5 fixed triggers, in-context loss, d = 256, T = 256):
 
-  fast      ``runners.induction.chunked_step``: table-based layer-1 scores, layer 2 only at the loss
+  fast      ``runners.induction_step.chunked_step``: table-based layer-1 scores, layer 2 only at the loss
             positions, output side folded into N = 65 dims, micro-batches of similar in-context counts,
             dealt out to --parts single-threaded forked processes (default: one per thread, as in training)
   shortcut  ``SimplifiedInduction.forward(z, qpos)`` on the whole batch (frozen tables pushed through
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from assocmem.models.induction import SimplifiedInduction
-from assocmem.runners.induction import chunked_step, loss_positions
+from assocmem.runners.induction_step import chunked_step, loss_positions
 from assocmem.tasks.induction import TriggerBigram, load_stats
 
 

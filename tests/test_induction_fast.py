@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from assocmem.models.induction import SimplifiedInduction
 from assocmem.models.induction_fast import loss_logits, supports_fast
-from assocmem.runners.induction import CHUNK_ELEMENTS, chunk_bounds, chunked_step, loss_positions
+from assocmem.runners.induction_step import CHUNK_ELEMENTS, chunk_bounds, chunked_step, loss_positions
 from assocmem.tasks.induction import TriggerBigram, load_stats
 
 
