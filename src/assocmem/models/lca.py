@@ -82,7 +82,7 @@ class LCAModel(nn.Module):
         c [S, B, K] float counts of tokens 0..K-1 in x_1..x_L (the last token included); tokens >= K
         must not occur (the samplers never emit the unknown token, so they pass K = V and the unknown
         key is skipped). last [S, B] query ids.
-        o = sum_v a_v W_V E[v] with a_v = c_v e^{s_v} / sum_u c_u e^{u_s}, s_v = score(last, v): the
+        o = sum_v a_v W_V E[v] with a_v = c_v e^{s_v} / sum_u c_u e^{s_u}, s_v = score(last, v): the
         softmax over positions grouped by token. The exponentials come from one [V+1, K] table per
         step, e^{score - row max}, so a sequence costs a gather, a product and a normalisation.
         With M = values @ W_E^T [S, K, V+1] built once per step, logits = a @ M: one B x K x (V+1)
