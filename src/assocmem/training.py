@@ -135,16 +135,23 @@ def run_split(run_stack: Callable[[Sequence], list], configs: Sequence, *, small
         if not CAN_FORK:
             with cf.ThreadPoolExecutor(n) as pool:
                 return [r for part in pool.map(run_stack, parts) for r in part]
-        children = [ForkedCall(run_stack, part) for part in parts[1:]]
-        try:
-            first = run_stack(parts[0])
-        except BaseException:
-            for child in children:
-                child.kill()
-            raise
-        return first + [r for child in children for r in child.result()]
+        return [r for part in forked_map(run_stack, parts) for r in part]
     finally:
         torch.set_num_threads(threads)
+
+
+def forked_map(fn: Callable, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` with items[1:] each computed in a forked child process
+    (:class:`ForkedCall`) while this process computes items[0]; the children are killed if that
+    fails. Linux only (``CAN_FORK``); callers set torch to one thread first."""
+    children = [ForkedCall(fn, item) for item in items[1:]]
+    try:
+        first = fn(items[0])
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    return [first] + [child.result() for child in children]
 
 
 CAN_FORK = sys.platform.startswith("linux")     # fork with torch loaded is safe on Linux; elsewhere threads

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..models.induction import SimplifiedInduction
 from ..models.induction_fast import loss_logits
-from ..training import CAN_FORK, ForkedCall
+from ..training import CAN_FORK, forked_map
 
 
 def loss_positions(outs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +44,19 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
     keep their [S, n, T, T] attention buffers cache-sized; with ``icl`` they hold sequences of similar
     in-context counts, each chunk padded to its own max.
     ``parts`` > 1 deals the chunks out to that many single-threaded parts, all but the first in
-    forked child processes (:class:`~assocmem.training.ForkedCall`; Linux), and adds up their gradients:
+    forked child processes (:func:`~assocmem.training.forked_map`; Linux), and adds up their gradients:
     the same gradient up to the order of the float sums."""
     S, B, T = x.shape
     ic = outs >= 2
     n_ic = ic.sum((1, 2)).clamp(min=1).float()                              # [S]
-    order = torch.argsort(ic.sum(-1).amax(0), stable=True) if loss == "icl" else torch.arange(B, device=x.device)
     keys = ("loss_head", "acc_end") if loss == "icl" else ("loss_head", "acc_end", "loss_bigram", "acc_tot", "acc_start")
-    counts = ic.sum(-1).amax(0)[order].tolist() if loss == "icl" else None
+    counts = None
+    if loss == "icl":                     # sequences sorted by their loss positions (max over the stack)
+        n_q = ic.sum(-1).amax(0)
+        order = torch.argsort(n_q, stable=True)
+        counts = n_q[order].tolist()
+    else:
+        order = torch.arange(B, device=x.device)
     chunks = list(order.split(chunk_bounds(counts, B, micro_batch, S * T * T)))
     parts = min(parts, len(chunks) // 8) if CAN_FORK else 1     # a fork costs about a chunk: split big steps only
 
@@ -75,25 +80,18 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
             # dealt in snake order (0, 1, .., p-1, p-1, .., 0, ..): chunks come sorted by size
             deal = [[c for j, c in enumerate(chunks) if min(j % (2 * parts), 2 * parts - 1 - j % (2 * parts)) == i]
                     for i in range(parts)]
-            kids = [ForkedCall(lambda c: run(c, child=True), deal[i]) for i in range(1, parts)]
-            try:
-                sums, w_sum, _ = run(deal[0])
-            except BaseException:
-                for kid in kids:
-                    kid.kill()
-                raise
-            params = dict(model.named_parameters())
-            for kid in kids:
-                k_sums, k_w, k_grads = kid.result()
-                for k in sums:
-                    sums[k] += k_sums[k]
-                for k in w_sum:
-                    w_sum[k] += k_w[k]
-                for n, g in k_grads.items():
-                    p = params[n]
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+            (sums, w_sum, _), *kids = forked_map(lambda job: run(*job), [(d, i > 0) for i, d in enumerate(deal)])
         finally:
             torch.set_num_threads(threads)
+        params = dict(model.named_parameters())
+        for k_sums, k_w, k_grads in kids:
+            for k in sums:
+                sums[k] += k_sums[k]
+            for k in w_sum:
+                w_sum[k] += k_w[k]
+            for n, g in k_grads.items():
+                p = params[n]
+                p.grad = g if p.grad is None else p.grad.add_(g)
     out = {k: sums[k] / w_sum[k].clamp(min=1) for k in keys}
     out["loss"] = sums["loss"]
     return out
