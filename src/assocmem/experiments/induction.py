@@ -76,7 +76,7 @@ SCALES = {
                    d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=20,
                    generic_steps=300, lr=0.1, lr4=0.3, lr_ws=0.3, d_gen=64, T_gen=64),
     "paper": Scale(d=256, T=256, steps=1000, batch=512, eval_batch=512, eval_every=50, T_test=(512, 1024), long_batch=24,
-                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=32, per_cell=20,
+                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=64, per_cell=20,
                    generic_steps=600, lr=0.03, lr4=0.3, lr_ws=0.1, d_gen=128, T_gen=256),
 }
 
@@ -157,9 +157,15 @@ def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, p
             if L0 + 256 > 1024:
                 continue
             bd = delayed_batch(ds, sc.delay_seqs, L0, torch.Generator().manual_seed(60 + L0))
-            rd = evaluate(m, bd.x[None], bd.y[None], bd.outs[None], chunk=max(1, 32 * 256 // (256 + L0)))
+            ch = max(1, 32 * 256 // (256 + L0))
+            rd = evaluate(m, bd.x[None], bd.y[None], bd.outs[None], chunk=ch)
+            # prompts where some trigger's output is itself a trigger repeat it (up to ~250 in-context
+            # positions) and are copied by any context average: they dominate the pooled accuracy
+            keep = ~(bd.outputs[:, :, None] == bd.triggers[:, None, :]).any(2).any(1)
+            rk = evaluate(m, bd.x[None, keep], bd.y[None, keep], bd.outs[None, keep], chunk=ch) if keep.any() else {}
             delay_rows.append({"model": f"construction {lab}", "L0": L0, "acc_end": float(rd["acc_end"]),
-                               "prev_all": float(rd["prev_tok_all"])})
+                               "prev_all": float(rd["prev_tok_all"]), "chain_prompts": int((~keep).sum()),
+                               "acc_end_no_chain": float(rk.get("acc_end", float("nan")))})
     m0 = build_amt(st.pi_b, pos="rel_bias", key_tokens=ds.fixed, lam=0.0)
     r0 = evaluate(m0, b.x[None], b.y[None], b.outs[None])
     checks.append(report.compare("C-6 lambda=0: acc_end (global only)", float(r0["acc_end"]), 0.022, 0.02))
@@ -169,13 +175,22 @@ def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, p
                                  5.9, 0.5, note="APE; RPE: %.2f" % float(res["rel_bias"]["loss_bigram"])))
     ref = {("APE", 0): 0.997, ("RPE", 0): 0.997, ("APE", 256): 0.066, ("RPE", 256): 1.0,
            ("APE", 768): 0.017, ("RPE", 768): 1.0}
-    for row in delay_rows:
-        lab = row["model"].split()[-1]
-        checks.append(report.compare(f"C-7 delayed L0={row['L0']} acc_end ({lab})", row["acc_end"],
-                                     ref[lab, row["L0"]], 0.02))
-        if lab == "APE" and row["L0"] > 0:
-            checks.append(report.compare(f"C-7 APE previous-token acc, L0={row['L0']}", row["prev_all"],
-                                         256 / (256 + row["L0"]), 0.02))
+    by = {(r["model"].split()[-1], r["L0"]): r for r in delay_rows}
+    for (lab, L0), row in by.items():
+        note = (f"{sc.delay_seqs} prompts, {row['chain_prompts']} with an output that is itself a trigger; "
+                f"without those: {row['acc_end_no_chain']:.3f}") if L0 > 0 else ""
+        checks.append(report.compare(f"C-7 delayed L0={L0} acc_end ({lab})", row["acc_end"], ref[lab, L0], 0.02,
+                                     note=note))
+        if lab == "APE" and L0 > 0:
+            checks.append(report.compare(f"C-7 APE previous-token acc, L0={L0}", row["prev_all"],
+                                         256 / (256 + L0), 0.02))
+    beyond = [L0 for (lab, L0) in by if lab == "APE" and L0 > 0]
+    if beyond:
+        ape = max(by["APE", L0]["acc_end"] for L0 in beyond)
+        rpe = min(by["RPE", L0]["acc_end"] for L0 in beyond)
+        checks.append(report.trend("C-7 pairs only beyond T_train: APE far below RPE (<= 0.3 vs >= 0.99)",
+                                   ape <= 0.3 and rpe >= 0.99, f"APE <= {ape:.3f}, RPE >= {rpe:.3f}",
+                                   "APE 0.066 / 0.017, RPE 1.0"))
     return report.Family("Calibrated construction: in-context accuracy and APE vs RPE (C-6, C-7)", checks=checks,
                          text="Spec's calibrated AM construction (d=256, random N(0,1/d) value maps, "
                               "beta=30, lambda=20, mu=1, fixed triggers {space,e,t})."), pd.DataFrame(delay_rows)
