@@ -18,21 +18,19 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .. import plots, report
-from ..config import replace, to_dict
+from ..config import replace
 from ..registry import get_task
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
 from ..analysis.induction import delayed_batch, evaluate
-from ..analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
 from ..runners.induction import load_model
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats
-from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
-from . import induction_plots as ip
+from ..theory.induction import build_amt
+from . import induction_plots as ip, induction_ws
 
 TABLE_C2 = {(1, False): (0.066, 0.062), (1, True): (0.152, 0.148), (3, False): (0.159, 0.148),
             (3, True): (0.237, 0.225), (5, False): (0.240, 0.222), (5, True): (0.325, 0.307),
@@ -196,18 +194,6 @@ def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, p
                               "beta=30, lambda=20, mu=1, fixed triggers {space,e,t})."), pd.DataFrame(delay_rows)
 
 
-def _hijack_rows(model, fams, ell, lam, mu, pi_b, name, empty):
-    rows = []
-    for f in fams.values():
-        lg = last_logits(model, f.z)
-        df = outcome_table(f, lg, ell, lam, mu, pi_b, empty=empty)
-        df["model"] = name
-        if f.name == "distance":
-            df["start"] = [int(c.split("=")[1]) for c in f.label]
-        rows.append(df)
-    return pd.concat(rows, ignore_index=True)
-
-
 def training_configs(sc: Scale, data_path: str = DEFAULT_DATA_PATH):
     """The training configs of a scale: (main, freeze variants, fig. 4 grid, WS models, generic models)."""
     spec = get_task("induction")
@@ -249,7 +235,6 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     spec = get_task("induction")
     st = load_stats(data_path)
     backend = LocalBackend(jobs)
-    ell = centred_log_bigram(st.pi_b)
     families: list[report.Family] = []
     timings = {}
 
@@ -381,112 +366,13 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
                                   f"2 layers, 1 head, d={sc.d_gen}, T={sc.T_gen}, pre-LN, AdamW lr {sc.lr_generic}, {sc.generic_steps} steps; "
                                   "red ticks: trigger positions."))
 
-    # ---- WS: APE vs RPE length generalisation -----------------------------------------------------
-    rows, delay_rows, checks = [], [], []
-    for pos, c in ws.items():
-        lab = "APE" if pos == "ape" else "RPE"
-        m = rec(c)["metrics"]
-        delay_rows.append({"model": f"trained {lab}", "L0": 0, "acc_end": m["acc_end"]})
-        for Tt in sc.T_test:
-            for j, (a, p) in enumerate(zip(m[f"bucket_acc_T{Tt}"], m[f"bucket_prev_T{Tt}"])):
-                rows.append({"model": f"trained {lab}", "T_test": Tt, "bucket_start": j * c.eval.bucket, "acc": a,
-                             "prev": p, "T_train": sc.T})
-            delay_rows.append({"model": f"trained {lab}", "L0": Tt - sc.T, "acc_end": m[f"acc_end_T{Tt}"]})
-        checks.append(report.Check(f"trained {lab}: acc_end at T_train={sc.T}", m["acc_end"], "trend only"))
-    delay_df = pd.concat([delay_df, pd.DataFrame(delay_rows)], ignore_index=True)
-    plots.save(ip.bucket_curves(pd.DataFrame(rows)), fig_dir, "ws_length_buckets")
-    plots.save(ip.delay_curves(delay_df), fig_dir, "ws_delay")
-    ra, rr = rec(ws["ape"])["metrics"], rec(ws["rel_bias"])["metrics"]
-    Tm = max(sc.T_test)
-    checks.append(report.trend(f"C-13 RPE keeps in-context accuracy beyond T_train (T_test={Tm}) within 0.1 of in-range",
-                               rr[f"acc_end_T{Tm}"] >= rr["acc_end"] - 0.1, f"{rr[f'acc_end_T{Tm}']:.3f} vs {rr['acc_end']:.3f}"))
-    checks.append(report.trend(f"C-13 APE drops toward the global-only level beyond T_train (T_test={Tm})",
-                               ra[f"acc_end_T{Tm}"] <= 0.5 * ra["acc_end"], f"{ra[f'acc_end_T{Tm}']:.3f} vs {ra['acc_end']:.3f}"))
-    checks.append(report.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
-                               ra[f"prev_tok_T{Tm}"] < rr[f"prev_tok_T{Tm}"] - 0.2,
-                               f"APE {ra[f'prev_tok_T{Tm}']:.3f}, RPE {rr[f'prev_tok_T{Tm}']:.3f}"))
-    families.append(report.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
-                                  ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
-                                  f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss, lr {sc.lr_ws}, {sc.steps} steps); RPE = learned "
-                                  "relative bias in layer 1 (lr x100). Delay plot: constructions (T_train=256) and trained models."))
-
-    # ---- WS: knowledge hijack ---------------------------------------------------------------------
+    # ---- Wang & Sato: APE vs RPE, knowledge hijack ------------------------------------------------
+    families.append(induction_ws.length_family(ws, {p: rec(c)["metrics"] for p, c in ws.items()}, sc, fig_dir,
+                                               delay_df))
     t0 = time.perf_counter()
-    q = int(st.encode("a")[0])
-    g_cal, g_test = torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)
-    L = sc.T
-    starts = (16, L // 2, L + 16, 2 * L - 60)
-    fam_kw = dict(per_cell=sc.per_cell, distance_L=2 * L, starts=starts, gap=sc.gap)
-    cal = make_families(st.pi_b, st.pi_u, q, L, g_cal, **{**fam_kw, "distance_L": None})
-    test = make_families(st.pi_b, st.pi_u, q, L, g_test, **fam_kw)
-    tables, checks = [], []
-    for lam in (2.0, 5.0, 10.0, 20.0):
-        m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="orthogonal", n_ctx=2 * L)
-        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"AMT lambda={lam:g}", "uniform"))
-    for lam in (2.0, 20.0):
-        m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="random", n_ctx=2 * L)
-        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"calibrated AMT lambda={lam:g}", "uniform"))
-    fitted, alt = {}, []
-    for pos, c in ws.items():
-        lab = "APE" if pos == "ape" else "RPE"
-        rid, _ = _load(store, spec, c)
-        model = load_model(c, store.load_weights(rid))
-        zc = torch.cat([cal["single"].z, cal["conflict"].z])
-        lg_cal = last_logits(model, zc)
-        lh, mh = fit_lambda_mu(lg_cal, zc, ell)
-        rho, _ = fit_ratio_by_winners(lg_cal, zc, ell)
-        fitted[lab] = (lh, mh, rho)
-        tables.append(_hijack_rows(model, test, ell, lh, mh, st.pi_b, f"trained {lab}", "global"))
-        alt.append(_hijack_rows(model, test, ell, rho, 1.0, st.pi_b, f"trained {lab}", "global"))
-    hj = pd.concat(tables, ignore_index=True)
-    hj_alt = pd.concat(alt, ignore_index=True)
-    hj["T_train"] = L
-    plots.save(ip.hijack_fraction(hj[hj.family.isin(["single", "conflict"])]), fig_dir, "ws_hijack_fraction")
-    plots.save(ip.hijack_logprob(hj[hj.family == "single"]), fig_dir, "ws_hijack_logprob")
-    plots.save(ip.hijack_conflict(hj[(hj.family == "conflict") & hj.model.isin(
-        ["AMT lambda=20", "calibrated AMT lambda=20", "trained RPE", "trained APE"])]), fig_dir, "ws_hijack_conflict")
-    plots.save(ip.hijack_distance(hj[hj.family == "distance"]), fig_dir, "ws_hijack_distance")
-    agree = hj.groupby(["model", "family"])["agree"].mean()
-    for (model, fam), v in agree.items():
-        if model.startswith("calibrated"):
-            checks.append(report.Check(f"{model}: agreement with rule, {fam}", float(v), "reference"))
-            continue
-        if fam == "distance" and model == "trained APE":
-            checks.append(report.Check(f"{model}: agreement with rule, distance (WS oversight expected)",
-                                       float(v), "trend only"))
-            continue
-        checks.append(report.compare(f"C-14 {model}: winners agree with closed-form rule, {fam}", float(v), 1.0, 0.1,
-                                     note="threshold 0.9"))
-    for lab, (lh, mh, rho) in fitted.items():
-        checks.append(report.Check(f"trained {lab}: fitted lambda_hat, mu_hat (least squares)", f"{lh:.2f}, {mh:.2f}",
-                                   "trend only"))
-        a = hj_alt[hj_alt.model == f"trained {lab}"].groupby("family")["agree"].mean()
-        checks.append(report.Check(
-            f"trained {lab}: agreement with the rule at the best calibration ratio lambda/mu = {rho:.3g}",
-            ", ".join(f"{k} {v:.2f}" for k, v in a.items()), "trend only",
-            note="ratio chosen to maximise winner agreement on the calibration prompts (the best any "
-                 "lambda, mu > 0 reading of the rule does there), scored on the separate test prompts"))
-    single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
-    win_by_lam = single.groupby("model")["model_o_wins"].mean()
-    lam_order = [float(win_by_lam[f"AMT lambda={x:g}"]) for x in (2.0, 5.0, 10.0, 20.0)]
-    checks.append(report.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
-                               str([round(x, 2) for x in lam_order])))
-    s5 = single[single.model == "AMT lambda=5"]
-    by_pi = s5.groupby("log_pi_o")["model_o_wins"].mean()
-    checks.append(report.trend("C-8 win rate falls as pi_b(o|q) falls (lambda=5)", by_pi.iloc[0] <= by_pi.iloc[-1],
-                               f"lowest pi: {by_pi.iloc[0]:.2f}, highest pi: {by_pi.iloc[-1]:.2f}"))
-    s2 = hj[(hj.family == "single") & (hj.model == "AMT lambda=5")].groupby("cell")["model_o_wins"].mean()
-    checks.append(report.trend("C-8 win rate rises with n_o (lambda=5)", s2.get("n=4", 0) >= s2.get("n=1", 0),
-                               s2.round(2).to_dict()))
-    families.append(report.Family(
-        "Wang & Sato: knowledge-hijack prompt families vs the closed-form rule",
-        ["figures/ws_hijack_fraction.png", "figures/ws_hijack_logprob.png", "figures/ws_hijack_conflict.png",
-         "figures/ws_hijack_distance.png"], checks,
-        f"Query q='a' (global favourite 'n'); pairs separated by {sc.gap} filler tokens; prompts of length {L} "
-        f"(distance family {2 * L}, pairs starting at {starts}); {sc.per_cell} prompts per cell. AMT = orthogonal "
-        "RPE construction (rule with uniform attention when S(q) is empty); calibrated AMT = the spec's "
-        "random-basis construction (reference); trained models: rule with lambda_hat, mu_hat fitted on "
-        "separate calibration prompts (S(q) empty -> global term only)."))
+    models = {p: load_model(c, store.load_weights(_load(store, spec, c)[0])) for p, c in ws.items()}
+    fam_h, hj = induction_ws.hijack_family(st, models, sc, fig_dir)
+    families.append(fam_h)
     timings["hijack"] = time.perf_counter() - t0
 
     section = report.Section(
