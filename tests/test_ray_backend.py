@@ -1,7 +1,6 @@
 """The Ray backend on a real local cluster (head + one worker node, started with `ray start`):
 same run ids and metrics as the local backend, and a worker crash is retried without duplicates."""
 import os
-import shutil
 import socket
 import subprocess
 import sys

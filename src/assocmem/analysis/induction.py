@@ -27,7 +27,7 @@ from ..tasks.induction import Batch, TriggerBigram, position_labels
 def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
                   query_tokens: Tensor | None = None, trigger_tokens: Tensor | None = None) -> dict[str, Tensor]:
     """Memory-recall probes of a stacked model; each value [S]."""
-    S, N = m.S, m.N
+    N = m.N
     E, U = m.W_E, m.W_U
     out: dict[str, Tensor] = {}
     M = U @ m.W_O2 @ m.W_V2 @ E.transpose(1, 2)                              # [S, N(j), N(k)]

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from .. import report

@@ -93,7 +93,7 @@ def wv_bar(runs: Runs, sc, out: Path) -> report.Family:
                         A.summarize(tr, ["task.m"]).assign(variant="Trained Wv")]).rename(columns={"task.m": "m"})
         tables[L] = df
         fam.figures.append(_save(P.wv_bar(df), out, f"Wv_bar_l{L}"))
-    t64, t128 = tables[64], tables[128]
+    t64 = tables[64]
     get = lambda t, m, v: _row(t, m=m, variant=v)  # noqa: E731
     for m in sc.ms:
         for j, v in enumerate(("Identity Wv", "Trained Wv")):
