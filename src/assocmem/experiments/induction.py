@@ -54,28 +54,29 @@ class Scale:
     delay_seqs: int
     per_cell: int           # hijack prompts per cell
     seeds: tuple[int, ...] = (0,)
-    generic_steps: int = 300
+    generic_steps: int = 1500
     gap: int = 20           # filler tokens between inserted (q, o) pairs
     lr: float = 0.03        # fig. 3 runs (README: 0.03 at batch 512)
     lr4: float = 0.3        # fig. 4 grid
     lr_ws: float = 0.3      # WS APE/RPE models (random triggers, linear W_F, full loss)
-    lr_generic: float = 0.01
-    d_gen: int = 128        # generic model width and length
-    T_gen: int = 128
-    batch_rest: int = 32    # freeze variants, fig. 4 grid, WS and generic models (fig. 3 main run: ``batch``)
+    lr_generic: float = 0.003   # spec 0.01: does not train at d = T = 64 (see docs/induction.md)
+    d_gen: int = 64         # generic model width and length (spec's Fig. 2: d = 128, T = 256; CPU budget)
+    T_gen: int = 64
+    batch_gen: int = 64     # generic model batch (spec)
+    batch_rest: int = 32    # freeze variants, fig. 4 grid and WS models (fig. 3 main run: ``batch``)
     eval_every: int = 25
 
 
 SCALES = {
     "smoke": Scale(d=32, T=32, steps=20, batch=8, eval_batch=8, T_test=(64,), long_batch=4,
                    d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
-                   generic_steps=10, gap=2, d_gen=32, T_gen=32),   # pipeline test only
+                   generic_steps=10, gap=2, d_gen=32, T_gen=32, batch_gen=8),   # pipeline test only
     "quick": Scale(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
                    d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=20,
-                   generic_steps=300, lr=0.1, lr4=0.3, lr_ws=0.3, d_gen=64, T_gen=64),
+                   lr=0.1, lr4=0.3, lr_ws=0.3),
     "paper": Scale(d=256, T=256, steps=1000, batch=512, eval_batch=512, eval_every=50, T_test=(512, 1024), long_batch=24,
                    d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=64, per_cell=20,
-                   generic_steps=600, lr=0.03, lr4=0.3, lr_ws=0.1, d_gen=128, T_gen=256),
+                   lr=0.03, lr4=0.3, lr_ws=0.1),
 }
 
 
@@ -218,7 +219,7 @@ def training_configs(sc: Scale, data_path: str = DEFAULT_DATA_PATH):
     gen_base = {**rest, "task": {**base["task"], "T": sc.T_gen},
                 "model": {"kind": "generic", "d_model": sc.d_gen, "n_ctx": sc.T_gen, "n_heads": 1},
                 "optim": {**rest["optim"], "name": "adamw", "lr": sc.lr_generic, "weight_decay": 0.01, "loss": "all",
-                          "steps": sc.generic_steps}}
+                          "steps": sc.generic_steps, "batch": sc.batch_gen}}
     generic = {"fixed": _cfg(spec, gen_base, **{"task.K": 2, "task.fixed_triggers": True}),
                "random": _cfg(spec, gen_base, **{"task.K": 3, "task.fixed_triggers": False})}
     return main, freeze, data_cfgs, ws, generic
@@ -341,18 +342,23 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
         rid, rc = _load(store, spec, c)
         model = load_model(c, store.load_weights(rid))
         ds = TriggerBigram(st, c.task.T, c.task.K, c.task.fixed_triggers)
-        bb = ds.sample(1, torch.Generator().manual_seed(99))
+        bb = ds.sample(16, torch.Generator().manual_seed(99))
+        # show a sequence whose outputs are not themselves triggers (those repeat one token forever)
+        chain = (bb.outputs[:, :, None] == bb.triggers[:, None, :]).any(2).any(1)
+        i = int(torch.nonzero(~chain)[0, 0]) if (~chain).any() else 0
         with torch.no_grad():
-            _, hk = model(bb.x[None], return_hooks=True)
-        outs = bb.outs[0]
+            _, hk = model(bb.x[i:i + 1][None], return_hooks=True)
+        outs = bb.outs[i]
+        W = min(30, c.task.T)
         ic = torch.nonzero(outs >= 2)[:, 0]
-        end = int(ic[min(len(ic) - 1, 2)]) + 1 if len(ic) else 30
-        lo = max(0, end - 30)
+        ic = ic[ic >= W - 1]                          # a full window of W positions ending at the
+        end = int(ic[min(len(ic) - 1, 2)]) + 1 if len(ic) else W   # third in-context position after W
+        lo = end - W
         sl = slice(lo, end)
         a1 = hk["attn1"][0, 0, 0][sl, sl].numpy()
         a2 = hk["attn2"][0, 0, 0][sl, sl].numpy()
-        labels = [st.chars[int(t)].replace("\n", "\\n").replace(" ", "␣") for t in bb.x[0, sl]]
-        marks = [int(i) - lo for i in torch.nonzero(outs[sl] >= 1)[:, 0] + lo]
+        labels = [st.chars[int(t)].replace("\n", "\\n").replace(" ", "␣") for t in bb.x[i, sl]]
+        marks = [int(j) - lo for j in torch.nonzero(outs[sl] >= 1)[:, 0] + lo]
         maps.append((f"{name} triggers", a1, a2, labels, marks))
         checks.append(report.Check(f"generic model ({name} triggers): acc_end", rc["metrics"]["acc_end"],
                                    "trend only", note=f"layer-1 prev-token {rc['metrics']['prev_tok']:.2f}, "
@@ -363,7 +369,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     plots.save(ip.attention_maps(maps), fig_dir, "birth_fig2_attention")
     families.append(report.Family("Birth Fig. 2: attention maps of the generic transformer",
                                   ["figures/birth_fig2_attention.png"], checks,
-                                  f"2 layers, 1 head, d={sc.d_gen}, T={sc.T_gen}, pre-LN, AdamW lr {sc.lr_generic}, {sc.generic_steps} steps; "
+                                  f"2 layers, 1 head, d={sc.d_gen}, T={sc.T_gen}, pre-LN, AdamW lr {sc.lr_generic}, batch {sc.batch_gen}, {sc.generic_steps} steps; "
                                   "red ticks: trigger positions."))
 
     # ---- Wang & Sato: APE vs RPE, knowledge hijack ------------------------------------------------
