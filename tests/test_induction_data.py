@@ -77,3 +77,18 @@ def test_output_kinds(stats):
     ds = TriggerBigram(stats, 32, 5, True, no_repeat=True)
     b = ds.sample(256, g)
     assert not (b.outputs == b.triggers).any()
+
+
+def test_chained_sequences(stats):
+    """Batch.chained flags sequences where an output is itself a trigger: by hand, at the rate
+    1 - (62/65)^3 for three fixed triggers with uniform outputs, and those sequences are mostly
+    in-context positions."""
+    from assocmem.tasks.induction import Batch
+    z = torch.zeros(2, 4, dtype=torch.long)
+    b = Batch(z, z, z, torch.tensor([[1, 2], [1, 2]]), torch.tensor([[2, 5], [5, 6]]))
+    assert b.chained().tolist() == [True, False]
+    b = TriggerBigram(stats, 256, 3, True).sample(4096, torch.Generator().manual_seed(0))
+    ch = b.chained()
+    assert float(ch.float().mean()) == pytest.approx(1 - (62 / 65) ** 3, abs=0.025)
+    n_ic = (b.outs >= 2).sum(1).float()
+    assert float(n_ic[ch].mean()) > 2 * float(n_ic[~ch].mean())

@@ -160,7 +160,7 @@ def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, p
             rd = evaluate(m, bd.x[None], bd.y[None], bd.outs[None], chunk=ch)
             # prompts where some trigger's output is itself a trigger repeat it (up to ~250 in-context
             # positions) and are copied by any context average: they dominate the pooled accuracy
-            keep = ~(bd.outputs[:, :, None] == bd.triggers[:, None, :]).any(2).any(1)
+            keep = ~bd.chained()
             rk = evaluate(m, bd.x[None, keep], bd.y[None, keep], bd.outs[None, keep], chunk=ch) if keep.any() else {}
             delay_rows.append({"model": f"construction {lab}", "L0": L0, "acc_end": float(rd["acc_end"]),
                                "prev_all": float(rd["prev_tok_all"]), "chain_prompts": int((~keep).sum()),
@@ -344,8 +344,8 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
         ds = TriggerBigram(st, c.task.T, c.task.K, c.task.fixed_triggers)
         bb = ds.sample(16, torch.Generator().manual_seed(99))
         # show a sequence whose outputs are not themselves triggers (those repeat one token forever)
-        chain = (bb.outputs[:, :, None] == bb.triggers[:, None, :]).any(2).any(1)
-        i = int(torch.nonzero(~chain)[0, 0]) if (~chain).any() else 0
+        keep = ~bb.chained()
+        i = int(torch.nonzero(keep)[0, 0]) if keep.any() else 0
         with torch.no_grad():
             _, hk = model(bb.x[i:i + 1][None], return_hooks=True)
         outs = bb.outs[i]

@@ -153,6 +153,12 @@ class Batch:
     triggers: Tensor
     outputs: Tensor
 
+    def chained(self) -> Tensor:
+        """[B] bool: some trigger's output is itself a trigger. Such a sequence chains trigger to
+        trigger (an output equal to its own trigger repeats it forever), so nearly every position
+        is in-context."""
+        return (self.outputs[:, :, None] == self.triggers[:, None, :]).any(2).any(1)
+
 
 def position_labels(x: Tensor, triggers: Tensor) -> Tensor:
     """outs [B, T]: running occurrence count of the trigger at each position (0 = not a trigger).
