@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .. import plots, report
-from ..config import replace
+from ..config import config_hash, replace
 from ..registry import get_task
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
@@ -107,11 +107,14 @@ def _cfg(spec, base: dict, **flat):
     return replace(spec.make_config(base), **flat) if flat else spec.make_config(base)
 
 
-def _load(store: RunStore, spec, cfg):
-    from ..config import config_hash
-    rid = config_hash(spec.name, cfg)
-    rec = store.load(rid)
-    return rid, rec
+def _load(store: RunStore, spec, cfg) -> dict:
+    """The stored record of a finished run."""
+    return store.load(config_hash(spec.name, cfg))
+
+
+def _trained(store: RunStore, spec, cfg):
+    """The trained model of a finished run."""
+    return load_model(cfg, store.load_weights(config_hash(spec.name, cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     timings["training"] = time.perf_counter() - t0
 
     def rec(cfg):
-        return _load(store, spec, cfg)[1]
+        return _load(store, spec, cfg)
 
     # ---- Birth fig. 3: probes ---------------------------------------------------------------------
     r = rec(main)["metrics"]
@@ -339,8 +342,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     # ---- Birth fig. 2: attention maps of the generic model ----------------------------------------
     maps, checks = [], []
     for name, c in generic.items():
-        rid, rc = _load(store, spec, c)
-        model = load_model(c, store.load_weights(rid))
+        rc, model = rec(c), _trained(store, spec, c)
         ds = TriggerBigram(st, c.task.T, c.task.K, c.task.fixed_triggers)
         bb = ds.sample(16, torch.Generator().manual_seed(99))
         # show a sequence whose outputs are not themselves triggers (those repeat one token forever)
@@ -376,7 +378,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     families.append(induction_ws.length_family(ws, {p: rec(c)["metrics"] for p, c in ws.items()}, sc, fig_dir,
                                                delay_df))
     t0 = time.perf_counter()
-    models = {p: load_model(c, store.load_weights(_load(store, spec, c)[0])) for p, c in ws.items()}
+    models = {p: _trained(store, spec, c) for p, c in ws.items()}
     fam_h, hj = induction_ws.hijack_family(st, models, sc, fig_dir)
     families.append(fam_h)
     timings["hijack"] = time.perf_counter() - t0
