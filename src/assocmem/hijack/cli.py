@@ -160,6 +160,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--force", action="store_true", help="rescore even cached curves")
     r.set_defaults(fn=_cmd_reproduce)
 
+    from . import explain_cli, leaderboard
+    leaderboard.add_parser(sub)
+    explain_cli.add_parser(sub)
+
 
 def _fix_n(args: argparse.Namespace) -> argparse.Namespace:
     if args.n is not None and args.n < 0:
