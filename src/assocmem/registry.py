@@ -6,11 +6,12 @@ CLI starts fast and optional dependencies of one task never break another.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import ConfigError, build, merge, to_dict
+from .config import ConfigError, build, canonical_json, merge, to_dict
 
 # name -> "module:attribute"; add one line per task family.
 TASKS: dict[str, str] = {
@@ -55,12 +56,19 @@ class TaskSpec:
     stack_key: Callable[[Any], str] = _no_seed
     max_stack: int = 64
     description: str = ""
+    protocol: str = ""
 
     def make_config(self, data: dict | None = None) -> Any:
         return build(self.config_cls, data or {})
 
     def run(self, cfg: Any) -> RunResult:
         return self.run_stack([cfg])[0]
+
+
+def run_id(task: TaskSpec, cfg: Any, length: int = 16) -> str:
+    """A run's content address: SHA-256 of ``{task name, code protocol, resolved config}``."""
+    payload = canonical_json({"task": task.name, "protocol": task.protocol, "config": to_dict(cfg)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
 def load_spec(path: str) -> TaskSpec:

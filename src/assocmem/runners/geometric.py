@@ -310,8 +310,13 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
     return results
 
 
+# Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
+# to this task's code (runner, model, task data, training) that alters results for the same config.
+PROTOCOL = "geometric-1"
+
 SPEC = TaskSpec(
     name="geometric",
+    protocol=PROTOCOL,
     config_cls=GeoConfig,
     run_stack=run_stack,
     summary_keys=("task.N", "task.R", "task.k", "task.cot", "model.d_model", "model.d_mlp", "seed"),

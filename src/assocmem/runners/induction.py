@@ -311,8 +311,13 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     return results
 
 
+# Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
+# to this task's code (runner, model, task data, training) that alters results for the same config.
+PROTOCOL = "induction-1"
+
 SPEC = TaskSpec(
     name="induction",
+    protocol=PROTOCOL,
     config_cls=InductionConfig,
     run_stack=run_stack,
     summary_keys=("task.K", "task.fixed_triggers", "model.pos", "optim.steps", "seed"),

@@ -189,8 +189,13 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     return results
 
 
+# Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
+# to this task's code (runner, model, task data, training) that alters results for the same config.
+PROTOCOL = "lca-1"
+
 SPEC = TaskSpec(
     name="lca",
+    protocol=PROTOCOL,
     config_cls=LCAConfig,
     run_stack=run_stack,
     summary_keys=("task.m", "task.L", "task.cluster", "model.d_model", "model.W_V", "model.embeddings",
