@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import report
-from ..config import config_hash
-from ..registry import config_from, get_task
+from ..registry import config_from, get_task, run_id
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
 from .elephants_families import FAMILIES, Runs
@@ -141,7 +140,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False,
     torch.set_num_threads(1)
     try:
         g = grids(scale)
-        configs = sorted({config_hash(SPEC.name, c): c for cs in g.values() for c in cs}.values(),
+        configs = sorted({run_id(SPEC, c): c for cs in g.values() for c in cs}.values(),
                          key=cost, reverse=True)
         store = RunStore(out)
         rep = run_configs(SPEC, configs, store, backend=LocalBackend(workers), force=force, desc="elephants")

@@ -13,7 +13,7 @@ import torch
 from .. import plots, report
 from ..analysis import lca as A
 from ..analysis import lca_plots as P
-from ..config import config_hash
+from ..registry import get_task, run_id
 from ..runners.lca import make_task, model_from_weights
 from ..store import RunStore
 
@@ -40,10 +40,10 @@ class Runs:
 
     def __init__(self, store: RunStore, grids: dict[str, list]):
         self.store = store
-        self.cfg = {config_hash(TASK, c): c for cs in grids.values() for c in cs}
+        self.cfg = {run_id(get_task(TASK), c): c for cs in grids.values() for c in cs}
         df = store.table(TASK)
         self.df = df[df["run_id"].isin(list(self.cfg)) & (df["status"] == "ok")] if not df.empty else df
-        self.ids = {fam: {config_hash(TASK, c) for c in cs} for fam, cs in grids.items()}
+        self.ids = {fam: {run_id(get_task(TASK), c) for c in cs} for fam, cs in grids.items()}
 
     def family(self, fam: str, **eq) -> pd.DataFrame:
         df = self.df[self.df["run_id"].isin(self.ids[fam])] if not self.df.empty else self.df

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..config import build, config_hash
-from ..registry import get_task
+from ..config import build
+from ..registry import get_task, run_id
 from ..runners.geometric import GeoConfig
 from ..store import RunStore
 from ..sweep import run_configs
@@ -93,7 +93,7 @@ def make_cfg(**flat: Any) -> GeoConfig:
 def _records(store: RunStore, cfgs: list[GeoConfig]) -> list[dict[str, Any]]:
     out = []
     for c in cfgs:
-        rec = store.load(config_hash("geometric", c))
+        rec = store.load(run_id(get_task("geometric"), c))
         out.append({**(rec.get("metrics") or {}), "status": rec["status"]})
     return out
 
@@ -150,6 +150,6 @@ def _optim(sc: Scale) -> dict[str, Any]:
 
 
 def _load(store: RunStore, cfg: GeoConfig) -> dict[str, torch.Tensor]:
-    return store.load_weights(config_hash("geometric", cfg))
+    return store.load_weights(run_id(get_task("geometric"), cfg))
 
 

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from .. import plots, report
-from ..config import config_hash, replace
-from ..registry import get_task
+from ..config import replace
+from ..registry import get_task, run_id
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
 from ..analysis.induction import delayed_batch, evaluate
@@ -109,12 +109,12 @@ def _cfg(spec, base: dict, **flat):
 
 def _load(store: RunStore, spec, cfg) -> dict:
     """The stored record of a finished run."""
-    return store.load(config_hash(spec.name, cfg))
+    return store.load(run_id(spec, cfg))
 
 
 def _trained(store: RunStore, spec, cfg):
     """The trained model of a finished run."""
-    return load_model(cfg, store.load_weights(config_hash(spec.name, cfg)))
+    return load_model(cfg, store.load_weights(run_id(spec, cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
