@@ -4,6 +4,10 @@
     assocmem hijack demo --model smollm2-135m "The Eiffel Tower is in the city of" \
         --context "The Eiffel Tower is not in Chicago."
     assocmem hijack reproduce --n 100 --out reproduction/hijack
+    assocmem hijack reproduce --models gpt2,google/gemma-2b --device cuda --dtype bfloat16 --n 0
+
+Scores go to a results store (:mod:`assocmem.hijack.store`) keyed by everything that determines them;
+runs resume after a kill or Ctrl-C.
 """
 from __future__ import annotations
 
@@ -16,15 +20,27 @@ from pathlib import Path
 from ..config import ConfigError
 
 
+MAX_KS = 10_000
+
+
 def parse_ks(text: str) -> list[int]:
-    """"0..10" (inclusive range), "0,1,5" (list) or "3" (just k = 3)."""
+    """"0..10" (inclusive range), "0,1,5" (list) or "3" (just k = 3); at most :data:`MAX_KS` values."""
     m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", text)
+    allowed = f"(allowed: a range like 0..10, a list like 0,1,5, or one integer >= 0; at most {MAX_KS} values)"
     try:
-        ks = list(range(int(m.group(1)), int(m.group(2)) + 1)) if m else [int(x) for x in text.split(",")]
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi - lo + 1 > MAX_KS:
+                raise ConfigError(f"k: {text!r} has {hi - lo + 1} values {allowed}")
+            ks = list(range(lo, hi + 1))
+        else:
+            if text.count(",") >= MAX_KS:
+                raise ConfigError(f"k: {text[:40]!r}... has {text.count(',') + 1} values {allowed}")
+            ks = [int(x) for x in text.split(",")]
     except ValueError:
         ks = []
     if not ks or min(ks) < 0:
-        raise ConfigError(f"k: {text!r} (allowed: a range like 0..10, a list like 0,1,5, or one integer >= 0)")
+        raise ConfigError(f"k: {text!r} {allowed}")
     return sorted(set(ks))
 
 
@@ -33,64 +49,108 @@ def _csv(text: str | None) -> list[str] | None:
     return [r.strip() for r in text.split(",") if r.strip()] if text else None
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-")[:60] or "x"
+def _positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {v} (allowed: an integer >= {minimum})")
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """load_model options from the command line (device, dtype, device map, revision, attention)."""
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map, "revision": args.revision,
+            "attn_implementation": args.attn_implementation}
+
+
+def _scheme(book, name: str):
+    """A named scheme, or a custom template named ``custom-<hash of the template>``."""
+    from ..io import content_hash
+    from .schemes import custom_scheme
+    return custom_scheme(name, name=f"custom-{content_hash(name, 8)}") if "{" in name else book.get(name)
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 6) for v in values]
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..llm.models import load_model
-    from ..store import atomic_write_text
-    from .counterfact import load_counterfact, select
-    from .evaluate import score_records, summarize, tie_rate, write_parquet
-    from .schemes import load_schemes
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _positive(args, "threads", "chunk", "batch_tokens")
+    _positive(args, "seed", minimum=0)
     ks = parse_ks(args.k)
+    from .. import io
+    from .counterfact import load_counterfact, select
+    from .evaluate import summarize, tie_rate
+    from .schemes import load_schemes
+    from .store import ScoreStore, score_to_store
+
     book = load_schemes(args.schemes_file)
-    scheme = book.get(args.scheme)
+    scheme = _scheme(book, args.scheme)
     sep = book.separator if args.sep is None else args.sep
     ds = load_counterfact(args.data, skip_invalid=args.skip_invalid)
     rels = _csv(args.relation) or (sorted(scheme.relations) if scheme.relations else None)
     records = select(ds.records, rels, args.n, args.seed)
-    lm = load_model(args.model, progress=not args.json)
+
+    import torch
+
+    from ..llm.models import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, progress=not args.json, **_model_kwargs(args))
+    store = ScoreStore(args.out)
     t0 = time.perf_counter()
-    df, skipped = score_records(lm.model, lm.tokenizer, records, scheme, ks, book.countries, sep=sep,
-                                paraphrase=args.paraphrase, method=args.method, progress=not args.json)
+    entry, scored = score_to_store(store, lm, records, scheme, ks, book.countries, data=ds.source, separator=sep,
+                                   seed=args.seed, paraphrase=args.paraphrase, neighborhood=args.neighborhood,
+                                   method=args.method, skip_too_long=args.skip_too_long,
+                                   batch_tokens=args.batch_tokens, chunk=args.chunk or 25, relation=rels,
+                                   progress=not args.json, force=args.force)
     wall = time.perf_counter() - t0
+    df, done = entry.table(), entry.done
     if df.empty:
-        raise ConfigError(f"scheme: {scheme.name} applies to none of the {len(records)} selected records "
-                          f"(skipped: {skipped.counts})")
+        raise ConfigError(f"scheme: {scheme.name} gave no prompts to score for the {len(records)} selected records "
+                          f"(skipped: {done['skipped']}; too-long record-k pairs: {done['too_long']}) [{entry.path}]")
     es = summarize(df, "es", seed=args.seed)
     first = summarize(df, "es_first", seed=args.seed)
     ps = summarize(df, "ps", seed=args.seed) if args.paraphrase else None
-    out = Path(args.out)
-    stem = f"{_slug(args.model)}_{_slug(scheme.name)}_{_slug(args.relation or 'all')}_n{int(es.n[0])}_seed{args.seed}"
-    write_parquet(df, out / f"{stem}.parquet")
-    summary = {"model": args.model, "scheme": scheme.name, "k": [int(k) for k in es.k],
-               "es": [round(float(v), 6) for v in es.value], "n": int(es.n[0]),
-               "es_lo": [round(float(v), 6) for v in es.lo], "es_hi": [round(float(v), 6) for v in es.hi],
-               "es_first": [round(float(v), 6) for v in first.value], "first_token_tie_rate": tie_rate(df),
-               "ps": None if ps is None or ps.empty else [round(float(v), 6) for v in ps.value],
-               "ps_n": None if ps is None or ps.empty else int(ps.n[0]),
-               "skipped": skipped.counts, "invalid_records_skipped": len(ds.skipped), "data": ds.source,
-               "relation": rels, "seed": args.seed, "separator": sep, "wall_s": round(wall, 2),
-               "table": str(out / f"{stem}.parquet"), "model_meta": lm.meta}
-    atomic_write_text(out / f"{stem}.json", json.dumps(summary, indent=1, default=str))
+    ns = summarize(df, "ns", seed=args.seed) if args.neighborhood else None
+    summary = entry.summary()
+    if summary is None or scored:
+        summary = {"id": entry.id, "entry": str(entry.path), "model": args.model, "scheme": scheme.name,
+                   "template": entry.spec["template"], "k": [int(k) for k in es.k], "es": _rounded(es.value),
+                   "n": int(es.n[0]), "es_lo": _rounded(es.lo), "es_hi": _rounded(es.hi),
+                   "es_first": _rounded(first.value), "first_token_tie_rate": tie_rate(df),
+                   "ps": None if ps is None or ps.empty else _rounded(ps.value),
+                   "ps_n": None if ps is None or ps.empty else int(ps.n[0]),
+                   "ns": None if ns is None or ns.empty else _rounded(ns.value),
+                   "ns_n": None if ns is None or ns.empty else int(ns.n[0]),
+                   "skipped": done["skipped"], "too_long_pairs": done["too_long"],
+                   "invalid_records_skipped": len(ds.skipped), "records": len(records), "data": ds.source,
+                   "relation": rels, "seed": args.seed, "separator": sep, "wall_s": round(wall, 2),
+                   "table": str(entry.path / "table.parquet"), "model_meta": lm.meta,
+                   "batch_tokens": args.batch_tokens}
+        io.atomic_write_json(entry.path / "summary.json", summary, default=str)
+    summary = {**summary, "wall_s": round(wall, 2), "cached": not scored}
     if not args.json:
         print(f"{args.model} | {scheme.name} | n={summary['n']} records | data {ds.source}")
-        print(f"{'k':>3} {'ES':>7} {'95% CI':>17} {'ES(first tok)':>14}" + ("   PS" if summary["ps"] else ""))
+        extra = ("   PS" if summary["ps"] else "") + ("   NS" if summary["ns"] else "")
+        print(f"{'k':>3} {'ES':>7} {'95% CI':>17} {'ES(first tok)':>14}" + extra)
+        psv = dict(zip(ps.k, ps.value)) if summary["ps"] else {}
+        nsv = dict(zip(ns.k, ns.value)) if summary["ns"] else {}
         for i, k in enumerate(summary["k"]):
             line = f"{k:>3} {es.value[i]:7.3f} [{es.lo[i]:6.3f}, {es.hi[i]:6.3f}] {first.value[i]:14.3f}"
-            print(line + (f" {ps.value.iloc[i]:6.3f}" if summary["ps"] else ""))
-        if skipped.total:
-            print(f"skipped records: {skipped.counts}")
-        print(f"scored in {wall:.1f} s; per-record table: {summary['table']}")
+            line += f" {psv.get(k, float('nan')):6.3f}" if psv else ""
+            print(line + (f" {nsv.get(k, float('nan')):6.3f}" if nsv else ""))
+        if done["skipped"]:
+            print(f"skipped records: {done['skipped']}")
+        if done["too_long"]:
+            print(f"skipped record-k pairs longer than the model's context: {done['too_long']}")
+        print(("reused stored scores" if not scored else f"scored in {wall:.1f} s")
+              + f"; per-record table: {summary['table']}")
+        print(f"store entry: {entry.path}")
     else:
-        print(json.dumps({k: summary[k] for k in ("model", "scheme", "k", "es", "n", "es_lo", "es_hi",
-                                                  "es_first", "ps", "wall_s", "table")}))
+        print(json.dumps({k: summary[k] for k in ("model", "scheme", "k", "es", "n", "es_lo", "es_hi", "es_first",
+                                                  "ps", "ns", "too_long_pairs", "wall_s", "cached", "table",
+                                                  "id", "entry")}, default=str))
     return 0
 
 
@@ -112,11 +172,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    _positive(args, "threads", "chunk", "batch_tokens")
+    _positive(args, "n", minimum=0)
+    ks = parse_ks(args.k) if args.k else None
     from ..experiments.hijack import reproduce
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     section = reproduce(Path(args.out), scale=args.scale, jobs=1, force=args.force, n=args.n,
-                        models=_csv(args.models), ks=parse_ks(args.k) if args.k else None)
+                        models=_csv(args.models), ks=ks, chunk=args.chunk, batch_tokens=args.batch_tokens,
+                        **_model_kwargs(args))
     print(f"hijack: {section.tally()} -> {Path(args.out) / 'report.html'}")
     return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16 or float16")
+    p.add_argument("--device-map", help="'auto': spread a model too large for one GPU over the devices")
+    p.add_argument("--revision", help="hub model revision (branch, tag or commit)")
+    p.add_argument("--attn-implementation", help="eager, sdpa, ... (default: transformers' choice)")
+    p.add_argument("--batch-tokens", type=int,
+                   help="tokens per forward pass of the fast scorer (default: from free memory)")
+    p.add_argument("--chunk", type=int, help="records per committed chunk of the results store (default 25)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def add_parser(subparsers) -> None:
@@ -136,9 +216,14 @@ def add_parser(subparsers) -> None:
     s.add_argument("--schemes-file", help="JSON file with extra schemes/countries (bundled layout)")
     s.add_argument("--sep", help="separator after each prepended sentence (default from schemes file: ' ')")
     s.add_argument("--paraphrase", action="store_true", help="also score paraphrase prompts (PS)")
+    s.add_argument("--neighborhood", action="store_true", help="also score neighbourhood prompts (NS)")
     s.add_argument("--method", choices=["fast", "plain"], default="fast", help="scorer (plain = reference loop)")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
-    s.add_argument("--out", default="assocmem-out/hijack", help="folder for the per-record parquet and summary")
+    s.add_argument("--skip-too-long", action="store_true",
+                   help="skip and count (record, k) pairs longer than the model's context instead of failing")
+    _model_options(s)
+    s.add_argument("--out", default="assocmem-out/hijack",
+                   help="results store folder (entries under OUT/scores/<id>/; default assocmem-out/hijack)")
+    s.add_argument("--force", action="store_true", help="score again even if the store holds these scores")
     s.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     s.set_defaults(fn=lambda a: _cmd_score(_fix_n(a)))
 
@@ -151,13 +236,15 @@ def add_parser(subparsers) -> None:
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_cmd_demo)
 
-    r = sub.add_parser("reproduce", help="the paper's ES-vs-prepends figures for the bundled models")
-    r.add_argument("--n", type=int, help="records per curve (default: sized for ~20 min on 2 cores)")
-    r.add_argument("--models", help="comma list (default: smollm2-135m,gemma3-270m)")
+    r = sub.add_parser("reproduce", help="the paper's ES-vs-prepends figures (bundled models or any others)")
+    r.add_argument("--n", type=int, help="records per curve (default: sized for ~20 min on 2 cores; 0 = all)")
+    r.add_argument("--models", help="comma list of bundled names, hub ids or local folders "
+                                    "(default: smollm2-135m,gemma3-270m)")
+    _model_options(r)
     r.add_argument("--k", help="prepend counts (default 0..10)")
     r.add_argument("--scale", choices=["quick", "paper"], default="quick")
     r.add_argument("--out", default="reproduction/hijack")
-    r.add_argument("--force", action="store_true", help="rescore even cached curves")
+    r.add_argument("--force", action="store_true", help="rescore even stored curves")
     r.set_defaults(fn=_cmd_reproduce)
 
     from . import explain_cli, leaderboard

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,9 @@ def read_json(path: str | Path) -> Any:
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"data: {path} is not valid JSON ({e})") from e
+    except (OSError, EOFError, zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        # gzip.BadGzipFile is an OSError; a truncated .gz ends in EOFError, a damaged one in zlib.error
+        raise ConfigError(f"data: {path} is not valid JSON or gzip ({type(e).__name__}: {e})") from e
     if not isinstance(data, list):
         raise ConfigError(f"data: {path} holds a {type(data).__name__}, expected a JSON list of records")
     return data
@@ -179,7 +181,7 @@ def fetch_original(cache: Path | None = None, url: str = ORIGINAL_URL) -> Path:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    from ..store import atomic_write_text
+    from ..io import atomic_write_text
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return path
 

@@ -3,7 +3,7 @@
 :func:`score_records` returns a tidy table, one row per (record, k, prompt), with the raw numbers
 every summary is computed from::
 
-    case_id relation_id scheme k kind(rewrite|paraphrase) prompt_index sentence
+    case_id relation_id scheme k kind(rewrite|paraphrase|neighborhood) prompt_index sentence
     nll_new nll_true lp1_new lp1_true n_new n_true mode_new mode_true
 
 nll_* is the mean per-token negative log-likelihood of " " + target after the prompt; lp1_* the
@@ -12,8 +12,8 @@ log-probability of the target's first token; mode_* the tokenisation route ("joi
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Sequence
+import inspect
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,9 @@ from ..llm.scoring import FastScorer, Request, plain_score
 from .counterfact import Record
 from .schemes import Scheme, hijack_prompt
 
-METRICS = ("es", "es_first", "magnitude", "ps")
+METRICS = ("es", "es_first", "magnitude", "ps", "ns")
+COLUMNS = ("case_id", "relation_id", "scheme", "k", "kind", "prompt_index", "sentence", "nll_new", "nll_true",
+           "lp1_new", "lp1_true", "n_new", "n_true", "mode_new", "mode_true")
 
 
 @dataclasses.dataclass
@@ -38,19 +40,41 @@ class Skipped:
         return sum(self.counts.values())
 
 
+def needs_other(scheme: Scheme) -> bool:
+    """Whether the scheme's sentence names another record's false target ({other})."""
+    return bool(getattr(scheme, "needs_other", False))
+
+
+def sentence(scheme: Scheme, rec: Record, countries, others: Mapping[int, str] | None = None
+             ) -> tuple[str | None, str]:
+    """The scheme's sentence S for ``rec`` ((None, reason) if it does not apply)."""
+    if needs_other(scheme):
+        return scheme.sentence(rec, countries, other=(others or {}).get(rec.case_id))
+    return scheme.sentence(rec, countries)
+
+
 def build_requests(records: Sequence[Record], scheme: Scheme, ks: Sequence[int], countries, sep: str = " ",
-                   paraphrase: bool = False) -> tuple[list[Request], list[dict], Skipped]:
-    """One request (both targets) per record, k and prompt; rows carry the table's key columns."""
+                   paraphrase: bool = False, neighborhood: bool = False, others: Mapping[int, str] | None = None,
+                   skip: Collection[tuple[int, int]] = ()) -> tuple[list[Request], list[dict], Skipped]:
+    """One request (both targets) per record, k and prompt; rows carry the table's key columns.
+
+    Paraphrase and neighbourhood prompts get the same prefix H_k as the rewrite prompt. ``others``:
+    {case_id: other record's target_new} for schemes with {other}; ``skip``: (case_id, k) pairs left out
+    (prompts longer than the model's context)."""
     reqs, keys, skipped = [], [], Skipped()
     for rec in records:
-        s, why = scheme.sentence(rec, countries)
+        s, why = sentence(scheme, rec, countries, others)
         if s is None:
             skipped.add(why)
             continue
         prompts = [("rewrite", 0, rec.text)]
         if paraphrase:
             prompts += [("paraphrase", i, p) for i, p in enumerate(rec.paraphrase_prompts)]
+        if neighborhood:
+            prompts += [("neighborhood", i, p) for i, p in enumerate(rec.neighborhood_prompts)]
         for k in ks:
+            if (rec.case_id, k) in skip:
+                continue
             for kind, idx, p in prompts:
                 reqs.append(Request(hijack_prompt(s, p, k, sep), (rec.target_new, rec.target_true),
                                     group=rec.case_id))
@@ -61,10 +85,17 @@ def build_requests(records: Sequence[Record], scheme: Scheme, ks: Sequence[int],
 
 def score_records(model, tokenizer, records: Sequence[Record], scheme: Scheme, ks: Sequence[int], countries,
                   sep: str = " ", paraphrase: bool = False, method: str = "fast", progress: bool = True,
-                  token_budget: int = 1024) -> tuple[pd.DataFrame, Skipped]:
-    reqs, keys, skipped = build_requests(records, scheme, ks, countries, sep, paraphrase)
+                  batch_tokens: int | None = None, neighborhood: bool = False,
+                  others: Mapping[int, str] | None = None, skip: Collection[tuple[int, int]] = ()
+                  ) -> tuple[pd.DataFrame, Skipped]:
+    """Score the records' hijacked prompts; the tidy table (columns :data:`COLUMNS`) and the skips.
+    ``batch_tokens``: token budget per forward of the fast scorer (None: the scorer's default)."""
+    reqs, keys, skipped = build_requests(records, scheme, ks, countries, sep, paraphrase, neighborhood, others, skip)
     if method == "fast":
-        scored = FastScorer(model, tokenizer, token_budget=token_budget).score(reqs, progress=progress)
+        params = inspect.signature(FastScorer).parameters
+        kw = {} if batch_tokens is None else (
+            {"batch_tokens": batch_tokens} if "batch_tokens" in params else {"token_budget": batch_tokens})
+        scored = FastScorer(model, tokenizer, **kw).score(reqs, progress=progress) if reqs else []
     elif method == "plain":
         scored = plain_score(model, tokenizer, reqs, progress=progress)
     else:
@@ -74,9 +105,7 @@ def score_records(model, tokenizer, records: Sequence[Record], scheme: Scheme, k
     for key, (new, true) in zip(keys, scored):
         rows.append({**key, "nll_new": new.nll, "nll_true": true.nll, "lp1_new": new.first, "lp1_true": true.first,
                      "n_new": new.n, "n_true": true.n, "mode_new": new.mode, "mode_true": true.mode})
-    cols = list(keys[0]) + ["nll_new", "nll_true", "lp1_new", "lp1_true", "n_new", "n_true", "mode_new",
-                            "mode_true"] if keys else []
-    return pd.DataFrame(rows, columns=cols or None), skipped
+    return pd.DataFrame(rows, columns=list(COLUMNS)), skipped
 
 
 # ----------------------------------------------------------------------------------------- summaries
@@ -86,15 +115,17 @@ def per_record(df: pd.DataFrame, metric: str = "es") -> pd.DataFrame:
     if metric not in METRICS:
         from ..config import ConfigError
         raise ConfigError(f"metric: {metric!r} (allowed: {', '.join(METRICS)})")
-    kind = "paraphrase" if metric == "ps" else "rewrite"
+    kind = {"ps": "paraphrase", "ns": "neighborhood"}.get(metric, "rewrite")
     d = df[df["kind"] == kind]
     if metric in ("es", "ps"):
         v = (d["nll_new"] < d["nll_true"]).astype(float)
+    elif metric == "ns":                                        # ROME: the true target should still win
+        v = (d["nll_true"] < d["nll_new"]).astype(float)
     elif metric == "es_first":
         v = (d["lp1_new"] > d["lp1_true"]).astype(float)       # exact ties count as failures
     else:
         v = np.exp(-d["nll_new"]) - np.exp(-d["nll_true"])
-    return (d.assign(v=v).groupby(["case_id", "k"])["v"].mean()   # PS: mean over a record's paraphrases
+    return (d.assign(v=v).groupby(["case_id", "k"])["v"].mean()   # PS/NS: mean over a record's prompts
             .unstack("k").sort_index(axis=1))
 
 
@@ -126,12 +157,9 @@ def summarize(df: pd.DataFrame, metric: str = "es", n_boot: int = 1000, seed: in
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    """Write ``df`` to ``path`` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    """Write ``df`` to ``path`` atomically (:func:`assocmem.io.atomic_write_parquet`)."""
+    from ..io import atomic_write_parquet
+    return atomic_write_parquet(df, path)
 
 
 def tie_rate(df: pd.DataFrame) -> float:
