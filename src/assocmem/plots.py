@@ -1,9 +1,7 @@
 """Shared figure style and saving. Plotting functions elsewhere take a DataFrame and return a Figure;
-:func:`save` writes it as PNG and PDF (temp file + rename) and closes it."""
+:func:`save` writes it as PNG and PDF (temp file + rename, readable by all under umask 022) and closes it."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
 
 STYLE = {
     "figure.figsize": (5.0, 3.6),
@@ -53,14 +53,6 @@ def save(fig: plt.Figure, out_dir: str | Path, name: str, formats: Sequence[str]
     paths = []
     with plt.rc_context(STYLE):
         for fmt in formats:
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=f".{fmt}")
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=fmt)
-                os.replace(tmp, out / f"{name}.{fmt}")
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            paths.append(out / f"{name}.{fmt}")
+            paths.append(atomic_write(out / f"{name}.{fmt}", lambda tmp: fig.savefig(tmp, format=fmt)))
     plt.close(fig)
     return paths

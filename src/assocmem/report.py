@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .store import atomic_write_text
+from .io import atomic_write_text
 
 VERDICTS = ("agrees", "disagrees", "trend holds", "trend fails", "trend only", "reference", "missing")
 
@@ -47,6 +47,20 @@ def compare(name: str, ours: float | None, paper: float, tol: float, sem: float 
     if ours is None or (isinstance(ours, float) and math.isnan(ours)):
         return Check(name, None, "missing", paper, sem, tol, note)
     return Check(name, ours, "agrees" if abs(ours - paper) <= tol else "disagrees", paper, sem, tol, note)
+
+
+def usable_runs(df, status: str = "status") -> tuple[Any, str]:
+    """Rows of a store table that may enter averages (status ``ok``), and a note counting the rest.
+
+    Diverged runs are stored with their measured metrics missing (None), so a plain mean would skip
+    them silently; this makes the exclusion explicit. Returns ``(df_ok, note)``; ``note`` is "" when
+    nothing was excluded, else e.g. "2 diverged runs excluded"."""
+    if df is None or len(df) == 0 or status not in df.columns:
+        return df, ""
+    ok = df[status] == "ok"
+    counts = df.loc[~ok, status].value_counts()
+    note = ", ".join(f"{n} {s} run{'s' if n != 1 else ''} excluded" for s, n in sorted(counts.items()))
+    return df[ok], note
 
 
 def trend(name: str, holds: bool, ours: Any = None, paper: Any = None, note: str = "") -> Check:

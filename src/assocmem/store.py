@@ -246,7 +246,8 @@ class RunStore:
             files = {f: {"size": (tmp / f).stat().st_size, "sha256": io.sha256_file(tmp / f)} for f in FILES}
             done = {"status": result.status, "task": name, "protocol": protocol, "files": files}
             (tmp / DONE).write_text(json.dumps(done, indent=1, sort_keys=True), encoding="utf-8")
-            for f in (*FILES, DONE):
+            for f in (*FILES, DONE):   # safetensors writes 0600: every file gets 0666 less umask
+                os.chmod(tmp / f, io.file_mode())
                 with open(tmp / f, "rb") as fh:
                     os.fsync(fh.fileno())
             if replace is None:
