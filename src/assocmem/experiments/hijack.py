@@ -1,11 +1,14 @@
-"""Reproduction of the LLM half of "Do LLMs dream of elephants?" (Jiang et al., NeurIPS 2024) on the
-bundled small models: efficacy score (ES) vs number of prepends for every scheme and relation, and
-the Figure 1 demo.
+"""Reproduction of the LLM half of "Do LLMs dream of elephants?" (Jiang et al., NeurIPS 2024):
+efficacy score (ES) vs number of prepends for every scheme and relation, and the Figure 1 demo. The
+bundled small models are the offline default; any hub ids or local folders can replace them.
 
     assocmem reproduce hijack                     # quick: n records per curve sized for ~20 min, 2 cores
     assocmem hijack reproduce --n 300 --out DIR   # larger subsample (or ASSOCMEM_HIJACK_N=300)
+    assocmem hijack reproduce --models gpt2,google/gemma-2b --device cuda --dtype bfloat16 --n 0
 
-Per-record scores are cached as parquet under ``out_dir/scores/`` and reused unless ``force``.
+Per-record scores live in the results store ``out_dir/scores/<id>/`` (:mod:`assocmem.hijack.store`),
+keyed by model, data, scheme, k list and scorer: reused unless ``force``, rescored when any of them
+(e.g. the data file) changes, and resumed after an interruption.
 """
 from __future__ import annotations
 
@@ -43,44 +46,35 @@ CURVES = [Curve("generic_false", None, "sub_false_accs"), Curve("generic_true", 
 
 
 def _available(name: str) -> bool:
+    """Bundled models: whether their package is installed; hub ids and local folders: assumed (a
+    failed load says why)."""
     from ..llm.models import BUNDLED
-    return importlib.util.find_spec(BUNDLED[name].package) is not None
+    return name not in BUNDLED or importlib.util.find_spec(BUNDLED[name].package) is not None
 
 
-class _LazyModel:
-    def __init__(self, name: str, log: dict):
-        self.name, self.log, self._lm = name, log, None
-
-    def get(self):
-        if self._lm is None:
-            from ..llm.models import load_model
-            self._lm = load_model(self.name, progress=False)
-            self.log["models"][self.name] = self._lm.meta | {"params": self._lm.n_params}
-        return self._lm
-
-
-def _score_model(lazy: _LazyModel, out: Path, records, book, ks, n: int, force: bool, log) -> dict[str, pd.DataFrame]:
-    """Score every curve for one model (cached per curve); returns {curve key: per-record table}."""
+def _score_model(lm, store, ds, data_sha, book, ks, n: int | None, force: bool, log, chunk: int | None,
+                 batch_tokens: int | None) -> dict[str, pd.DataFrame]:
+    """Score every curve for one model into the results store; returns {curve key: per-record table}."""
     from ..hijack.counterfact import select
-    from ..hijack.evaluate import score_records, write_parquet
-    tables, name = {}, lazy.name
+    from ..hijack.store import CHUNK_DEFAULT, score_to_store
+    tables, name = {}, lm.name
     for c in CURVES:
-        path = out / "scores" / name / f"{c.key}_n{n}_k{min(ks)}-{max(ks)}_seed{SEED}.parquet"
-        if path.exists() and not force:
-            tables[c.key] = pd.read_parquet(path)
-            continue
-        lm = lazy.get()
         scheme = book.get(c.scheme)
         rels = [c.relation] if c.relation else None
-        recs = select(records, rels, n, SEED)
+        recs = select(ds.records, rels, n, SEED)
         t0 = time.perf_counter()
-        df, skipped = score_records(lm.model, lm.tokenizer, recs, scheme, ks, book.countries, sep=book.separator,
-                                    progress=True)
-        log["wall"][f"{name}/{c.key}"] = round(time.perf_counter() - t0, 1)
-        if skipped.total:
-            log["skipped"][f"{name}/{c.key}"] = skipped.counts
-        write_parquet(df, path)
-        tables[c.key] = df
+        entry, scored = score_to_store(store, lm, recs, scheme, ks, book.countries, data=ds.source,
+                                       data_sha256=data_sha, separator=book.separator, seed=SEED,
+                                       skip_too_long=True, batch_tokens=batch_tokens, chunk=chunk or CHUNK_DEFAULT,
+                                       relation=rels, progress=True, force=force)
+        if scored:
+            log["wall"][f"{name}/{c.key}"] = round(time.perf_counter() - t0, 1)
+        done = entry.done
+        if done["skipped"] or done["too_long"]:
+            log["skipped"][f"{name}/{c.key}"] = {**done["skipped"], **({"too_long_pairs": done["too_long"]}
+                                                                      if done["too_long"] else {})}
+        log["entries"][f"{name}/{c.key}"] = entry.id
+        tables[c.key] = entry.table()
     return tables
 
 
@@ -97,7 +91,8 @@ def _figure(curve: Curve, results: dict[str, dict[str, pd.DataFrame]]):
     ax.set_ylabel("Efficacy Score")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(curve.figure)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return fig
 
 
@@ -154,33 +149,48 @@ def _example_table(records) -> str:
     return "\n".join(lines)
 
 
-def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False, n: int | None = None,
-              models: Sequence[str] | None = None, ks: Sequence[int] | None = None) -> report.Section:
+def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool = False, n: int | None = None,
+              models: Sequence[str] | None = None, ks: Sequence[int] | None = None, device: str = "auto",
+              dtype: str = "auto", device_map: str | None = None, revision: str | None = None,
+              attn_implementation: str | None = None, chunk: int | None = None,
+              batch_tokens: int | None = None) -> report.Section:
+    """Score every curve for each model (``jobs`` is unused: one process scores one model at a time).
+
+    ``n``: records per curve (None: ``$ASSOCMEM_HIJACK_N`` or the scale's default; 0: all records).
+    ``models``: bundled names, hub ids or local folders; ``device``/``dtype``/... go to ``load_model``."""
+    from .. import io
     from ..hijack.counterfact import load_counterfact
     from ..hijack.demo import EIFFEL_CONTEXT, EIFFEL_PROMPT, top_next_tokens
-    from ..hijack.schemes import load_schemes
     from ..hijack.evaluate import summarize
+    from ..hijack.schemes import load_schemes
+    from ..hijack.store import ScoreStore
+    from ..llm.models import load_model
 
     out = Path(out_dir)
-    n = int(n or os.environ.get("ASSOCMEM_HIJACK_N") or N_DEFAULT.get(scale, N_DEFAULT["quick"]))
+    if n is None:
+        n = int(os.environ.get("ASSOCMEM_HIJACK_N") or N_DEFAULT.get(scale, N_DEFAULT["quick"]))
+    n_sel = int(n) or None                 # 0 = every record
     ks = list(ks or K_DEFAULT)
     models = list(models or MODELS)
     t_start = time.perf_counter()
     ds = load_counterfact()
+    data_sha = io.sha256_file(ds.source)
     book = load_schemes()
-    log: dict = {"models": {}, "wall": {}, "skipped": {}}
+    store = ScoreStore(out)
+    log: dict = {"models": {}, "wall": {}, "skipped": {}, "entries": {}}
     results: dict[str, dict[str, pd.DataFrame]] = {}
     demos: dict[str, list[dict]] = {}
     missing = [m for m in models if not _available(m)]
     for name in models:
         if name in missing:
             continue
-        lazy = _LazyModel(name, log)
-        tables = _score_model(lazy, out, ds.records, book, ks, n, force, log)
+        lm = load_model(name, device=device, dtype=dtype, device_map=device_map, revision=revision,
+                        attn_implementation=attn_implementation, progress=False)
+        log["models"][name] = lm.meta | {"params": lm.n_params}
+        tables = _score_model(lm, store, ds, data_sha, book, ks, n_sel, force, log, chunk, batch_tokens)
         results[name] = {key: summarize(df, "es", seed=SEED) for key, df in tables.items()}
-        lm = lazy.get()
         demos[name] = [top_next_tokens(lm.model, lm.tokenizer, EIFFEL_PROMPT, c) for c in (None, EIFFEL_CONTEXT)]
-        del lazy, lm
+        del lm
 
     figdir = out / "figures"
     families = []
@@ -214,17 +224,20 @@ def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False,
     rows = [{"model": m, "curve": k, **r} for m, res in results.items() for k, s in res.items()
             for r in s.to_dict("records")]
     if rows:
-        from ..hijack.evaluate import write_parquet
-        write_parquet(pd.DataFrame(rows), out / "es_summary.parquet")
+        io.atomic_write_parquet(pd.DataFrame(rows), out / "es_summary.parquet")
     section = report.Section(
         "hijack", "Context hijacking of language models on CounterFact (Jiang et al. 2024, LLM part)",
         intro=(f"Efficacy score (ROME: mean per-token NLL of the false target below the true one) vs number of "
-               f"prepends k, on a seeded subsample of n={n} records per curve (relation curves: records of "
-               f"that relation; relation ids are heuristic, see the data README) from {ds.source}. Shaded: "
-               "95% bootstrap CI over records. The paper's models (GPT-2, Gemma-2B, LLaMA-7B) are replaced by "
-               "the bundled SmolLM2-135M-Instruct and gemma-3-270m; relation sentences are reconstructions."),
+               f"prepends k, on {f'a seeded subsample of n={n}' if n_sel else 'all'} records per curve (relation "
+               f"curves: records of that relation; relation ids are heuristic, see the data README) from "
+               f"{ds.source} (SHA-256 {data_sha[:12]}...). Shaded: 95% bootstrap CI over records. Models: "
+               f"{', '.join(models)}"
+               + (" (the bundled stand-ins for the paper's GPT-2, Gemma-2B, LLaMA-7B)" if set(models) <= set(MODELS)
+                  else "") + "; relation sentences are reconstructions. (record, k) pairs longer than a "
+               "model's context are skipped and counted under 'skipped'."),
         families=families,
-        meta=report.run_meta(n=n, ks=f"{min(ks)}..{max(ks)}", seed=SEED, data=ds.source, schemes=book.source,
+        meta=report.run_meta(n=n_sel or "all", ks=f"{min(ks)}..{max(ks)}", seed=SEED, data=ds.source,
+                             data_sha256=data_sha, store=str(store.dir), entries=log["entries"], schemes=book.source,
                              separator=repr(book.separator), models=log["models"], skipped=log["skipped"],
                              scoring_wall_s=log["wall"], total_wall_s=round(time.perf_counter() - t_start, 1)))
     report.write_report(section, out)
