@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Hashable, Iterable, Sequence
+import logging
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+from .budget import cost_model, default_batch_tokens, is_oom
+from .trie import Row, Trie, pack
+
+log = logging.getLogger(__name__)
+
+#: Version of the scoring procedure: part of every stored score's content key. Bump it whenever a
+#: change could alter any score (tokenisation rule, masks, dtype handling, what is read); pure speed
+#: or memory changes that keep every value identical do not bump it.
+SCORER_VERSION = "2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,60 +118,13 @@ def plain_score(model, tokenizer, requests: Sequence[Request], progress: bool = 
 
 # --------------------------------------------------------------------------------------- fast scorer
 
-class _Trie:
-    """Token trie; nodes are added parent-first, so node index order is a valid topological order."""
-
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.parent: list[int] = []
-        self.depth: list[int] = []
-        self._child: list[dict[int, int]] = []
-        self._roots: dict[int, int] = {}
-
-    def insert(self, ids: Sequence[int]) -> list[int]:
-        path, node = [], -1
-        for tok in ids:
-            kids = self._roots if node < 0 else self._child[node]
-            nxt = kids.get(tok)
-            if nxt is None:
-                nxt = len(self.tokens)
-                kids[tok] = nxt
-                self.tokens.append(tok)
-                self.parent.append(node)
-                self.depth.append(0 if node < 0 else self.depth[node] + 1)
-                self._child.append({})
-            path.append(nxt)
-            node = nxt
-        return path
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def ancestors(self) -> np.ndarray:
-        """Boolean [n, n]: entry (i, j) is True when node j is node i or one of its ancestors."""
-        n = len(self.tokens)
-        anc = np.zeros((n, n), dtype=bool)
-        for i, p in enumerate(self.parent):
-            if p >= 0:
-                anc[i] = anc[p]
-            anc[i, i] = True
-        return anc
-
-
-@dataclasses.dataclass
-class _Row:
-    trie: _Trie
-    # per scored target: (request index, target index, mode, [(pred node, token), ...])
-    items: list[tuple[int, int, str, list[tuple[int, int]]]]
-
-
-def _build_rows(tokenizer, requests: Sequence[Request]) -> list[_Row]:
+def _build_rows(tokenizer, requests: Sequence[Request]) -> list[Row]:
     pairs = [(r.context, t) for r in requests for t in r.targets]
     enc = iter(_encode_many(tokenizer, pairs))
-    rows: dict[Hashable, _Row] = {}
+    rows: dict[Hashable, Row] = {}
     for ri, req in enumerate(requests):
         key = ("request", ri) if req.group is None else ("group", req.group)
-        row = rows.setdefault(key, _Row(_Trie(), []))
+        row = rows.setdefault(key, Row(Trie(), []))
         for ti in range(len(req.targets)):
             ctx, tgt, mode = next(enc)
             path = row.trie.insert(ctx + tgt)
@@ -170,97 +133,134 @@ def _build_rows(tokenizer, requests: Sequence[Request]) -> list[_Row]:
     return list(rows.values())
 
 
-def _pack(rows: list[_Row], width: int) -> list[_Row]:
-    """First-fit-decreasing packing of small tries into rows of at most ``width`` tokens (or one
-    larger trie). Tries in one row never see each other: the ancestor mask is block-diagonal."""
-    bins: list[list[_Row]] = []
-    room: list[int] = []
-    for row in sorted(rows, key=lambda r: -len(r.trie)):
-        n = len(row.trie)
-        for b in range(len(bins)):
-            if room[b] >= n:
-                bins[b].append(row)
-                room[b] -= n
-                break
-        else:
-            bins.append([row])
-            room.append(width - n)
-    return [_merge(b) if len(b) > 1 else b[0] for b in bins]
 
-
-def _merge(rows: list[_Row]) -> _Row:
-    trie, items, off = _Trie(), [], 0
-    for r in rows:
-        trie.tokens += r.trie.tokens
-        trie.depth += r.trie.depth
-        trie.parent += [p + off if p >= 0 else -1 for p in r.trie.parent]
-        items += [(ri, ti, mode, [(node + off, tok) for node, tok in pairs]) for ri, ti, mode, pairs in r.items]
-        off += len(r.trie)
-    return _Row(trie, items)
-
-
-def _window(model) -> int | None:
+def _windows(model) -> tuple[int | None, bool]:
+    """(sliding window, whether per-layer masks can be passed): models whose config lists
+    ``layer_types`` with "sliding_attention" (gemma-2/3 style) take a dict of masks keyed by layer
+    type, so the scorer builds the windowed mask itself; for others a window is a hard limit."""
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
     w = getattr(cfg, "sliding_window", None)
-    return int(w) if w else None
+    types = getattr(cfg, "layer_types", None) or []
+    return (int(w) if w else None), bool(w) and "sliding_attention" in types
 
 
 class FastScorer:
-    """Batched trie scorer. Tries are packed into rows as wide as the largest one (``pack``), rows of
-    similar width are batched, ``token_budget`` bounds (rows x padded width) per forward pass.
+    """Batched trie scorer.
+
+    Tries are packed into rows as wide as the largest one (``pack``, at least ``min_width``); rows
+    of similar width are batched so that one forward costs at most ``batch_tokens`` token-equivalents
+    (see :mod:`assocmem.llm.budget`: padded tokens plus the B x W x W masks, attention scores and the
+    logits read, converted at the model's activation bytes per token). ``batch_tokens=None``: a
+    default from the free memory of the model's device. A single row is always run, whatever its cost.
+
+    Out of memory (``torch.OutOfMemoryError`` or a RuntimeError saying "out of memory"): the budget is
+    halved (below the failed batch's cost), the same rows are split again and redone, with a
+    ``logging`` warning; results are written only after a forward succeeds, so nothing is lost or
+    counted twice. When one row alone does not fit, a ``ConfigError`` says so.
+
     ``verify``: the first time a model is used, its longest request is re-scored by the plain loop.
+    ``token_budget``: deprecated name of ``batch_tokens``. ``stats``: nodes, padded, forwards,
+    batch_tokens (current), batch_tokens_initial, budget_source, free_bytes, oom_backoffs, cost_model.
     """
 
-    def __init__(self, model, tokenizer, token_budget: int = 1024, max_rows: int = 64, pack: bool = True,
-                 min_width: int = 256, verify: bool = True):
+    def __init__(self, model, tokenizer, batch_tokens: int | None = None, max_rows: int = 64, pack: bool = True,
+                 min_width: int = 256, verify: bool = True, token_budget: int | None = None):
+        if batch_tokens is None and token_budget is not None:
+            batch_tokens = token_budget
+        if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+            raise ConfigError(f"batch_tokens: {batch_tokens} (allowed: a positive integer, or None for a "
+                              "default from free memory)")
         self.model, self.tokenizer, self.verify = model, tokenizer, verify
-        self.token_budget, self.max_rows = token_budget, max_rows
-        self.pack, self.min_width = pack, min_width
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.max_rows, self.pack, self.min_width = max_rows, pack, min_width
+        emb = getattr(model, "get_input_embeddings", lambda: None)()
+        first = emb.weight if emb is not None and hasattr(emb, "weight") else next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stats = {"nodes": 0, "padded": 0, "forwards": 0}
+        self.window, self.per_layer_masks = _windows(model) if hasattr(model, "config") else (None, False)
+        self.cost = cost_model(model, self.dtype, len(tokenizer), n_masks=2 if self.per_layer_masks else 1)
+        if batch_tokens is None:
+            batch_tokens, how = default_batch_tokens(self.device, self.cost)
+        else:
+            how = {"budget_source": "given", "free_bytes": None}
+        self.batch_tokens = batch_tokens
+        self.stats = {"nodes": 0, "padded": 0, "forwards": 0, "batch_tokens": batch_tokens,
+                      "batch_tokens_initial": batch_tokens, "oom_backoffs": 0, **how,
+                      "cost_model": self.cost.as_dict()}
 
-    def _batches(self, rows: list[_Row]) -> Iterable[list[_Row]]:
-        batch: list[_Row] = []
-        for row in sorted(rows, key=lambda r: len(r.trie)):
-            width = max([len(r.trie) for r in batch] + [len(row.trie)])
-            if batch and (width * (len(batch) + 1) > self.token_budget or len(batch) >= self.max_rows):
-                yield batch
-                batch = []
-            batch.append(row)
-        if batch:
-            yield batch
+    @property
+    def token_budget(self) -> int:      # deprecated read access
+        return self.batch_tokens
+
+    def _cost(self, batch: list[Row]) -> int:
+        return self.cost.tokens(len(batch), max(len(r.trie) for r in batch), max(len(r.reads) for r in batch))
+
+    def _next_batch(self, rows: list[Row], start: int) -> list[Row]:
+        """The rows from ``start`` on (sorted by width) that fit the budget; at least one."""
+        end = start + 1
+        while end < len(rows) and end - start < self.max_rows and self._cost(rows[start:end + 1]) <= self.batch_tokens:
+            end += 1
+        return rows[start:end]
+
+    def _back_off(self, batch: list[Row]) -> None:
+        cost = self._cost(batch)
+        if len(batch) == 1:
+            raise ConfigError(f"batch_tokens: one row of {len(batch[0].trie)} tokens (~{cost} token-equivalents) "
+                              f"does not fit in the free memory of {self.device} even alone (allowed: shorter "
+                              "prompts or fewer prepends, a smaller dtype, a device with more memory)")
+        self.batch_tokens = max(1, min(self.batch_tokens, cost) // 2)
+        self.stats["batch_tokens"] = self.batch_tokens
+        self.stats["oom_backoffs"] += 1
+        log.warning("out of memory on a forward of %d rows x %d tokens; batch_tokens halved to %d, "
+                    "redoing those rows", len(batch), max(len(r.trie) for r in batch), self.batch_tokens)
+
+    def _masks(self, batch: list[Row], width: int, perms: list[np.ndarray]) -> torch.Tensor | dict:
+        """Additive [B, 1, W, W] mask(s): each node sees its ancestors and itself (padding itself only);
+        with per-layer masks also the sliding-window one (depth difference < window)."""
+        B = len(batch)
+        allowed = np.zeros((B, width, width), dtype=bool)
+        allowed[:, np.arange(width), np.arange(width)] = True
+        near = allowed.copy() if self.per_layer_masks else None
+        for b, (row, perm) in enumerate(zip(batch, perms)):
+            n = len(row.trie)
+            sl = slice(width - n, width)
+            anc = row.trie.ancestors()[perm][:, perm]
+            allowed[b, sl, sl] = anc
+            if near is not None:
+                depth = np.asarray(row.trie.depth)[perm]
+                near[b, sl, sl] = anc & (depth[:, None] - depth[None, :] < self.window)
+
+        def additive(ok: np.ndarray) -> torch.Tensor:
+            mask = torch.zeros((B, 1, width, width), dtype=self.dtype)
+            mask.masked_fill_(~torch.from_numpy(ok)[:, None], torch.finfo(self.dtype).min)
+            return mask.to(self.device)
+        if near is None:
+            return additive(allowed)
+        return {"full_attention": additive(allowed), "sliding_attention": additive(near)}
 
     @torch.no_grad()
-    def _forward(self, batch: list[_Row], out: list[list[Scored | None]]) -> None:
+    def _forward(self, batch: list[Row], out: list[list[Scored | None]]) -> None:
         # layout per row: [padding | nodes not read | nodes whose logits are read]
         width = max(len(r.trie) for r in batch)
-        reads = [sorted({p for *_, pairs in r.items for p, _ in pairs}) for r in batch]
-        keep = max(len(x) for x in reads)
+        keep = max(len(r.reads) for r in batch)
         B = len(batch)
         ids = np.full((B, width), self.pad_id, dtype=np.int64)
         pos = np.zeros((B, width), dtype=np.int64)
-        allowed = np.zeros((B, width, width), dtype=bool)
-        allowed[:, np.arange(width), np.arange(width)] = True  # padding attends to itself only
         slot_of: list[dict[int, int]] = []
-        for b, (row, rd) in enumerate(zip(batch, reads)):
-            n = len(row.trie)
+        perms = []
+        for b, row in enumerate(batch):
+            n, rd = len(row.trie), row.reads
             rd_set = set(rd)
-            order = [i for i in range(n) if i not in rd_set] + rd
-            slots = np.arange(width - n, width)
-            perm = np.asarray(order)
-            ids[b, slots] = np.asarray(row.trie.tokens)[perm]
-            pos[b, slots] = np.asarray(row.trie.depth)[perm]
-            allowed[b, slots[:, None], slots[None, :]] = row.trie.ancestors()[perm][:, perm]
-            slot_of.append({node: width - len(rd) + j - (width - keep) for j, node in enumerate(rd)})
-        mask = torch.zeros((B, 1, width, width), dtype=self.dtype)
-        mask.masked_fill_(~torch.from_numpy(allowed)[:, None], torch.finfo(self.dtype).min)
+            perm = np.asarray([i for i in range(n) if i not in rd_set] + rd)
+            perms.append(perm)
+            ids[b, width - n:] = np.asarray(row.trie.tokens)[perm]
+            pos[b, width - n:] = np.asarray(row.trie.depth)[perm]
+            slot_of.append({node: keep - len(rd) + j for j, node in enumerate(rd)})
+        mask = self._masks(batch, width, perms)
         kwargs = {"logits_to_keep": keep} if self._keep else {}
         logits = self.model(input_ids=torch.from_numpy(ids).to(self.device),
                             position_ids=torch.from_numpy(pos).to(self.device),
-                            attention_mask=mask.to(self.device), use_cache=False, **kwargs).logits
+                            attention_mask=mask, use_cache=False, **kwargs).logits
         logits = logits[:, -keep:].float()
         logz = torch.logsumexp(logits, dim=-1)
         for b, row in enumerate(batch):
@@ -277,16 +277,31 @@ class FastScorer:
         from tqdm.auto import tqdm
         rows = _build_rows(self.tokenizer, requests)
         if self.pack and rows:
-            rows = _pack(rows, max(self.min_width, max(len(r.trie) for r in rows)))
-        win = _window(self.model)
+            rows = pack(rows, max(self.min_width, max(len(r.trie) for r in rows)))
         deepest = max((max(r.trie.depth) + 1 for r in rows if len(r.trie)), default=0)
-        if win is not None and deepest >= win:
+        if self.window is not None and not self.per_layer_masks and deepest > self.window:
             raise ConfigError(f"sequence length: {deepest} tokens exceeds the model's sliding window "
-                              f"{win} (allowed: shorter prompts or fewer prepends)")
+                              f"{self.window} (allowed: shorter prompts or fewer prepends)")
         out: list[list[Scored | None]] = [[None] * len(r.targets) for r in requests]
+        rows.sort(key=lambda r: len(r.trie))
+        start = 0
         with tqdm(total=len(rows), desc="scoring", unit="row", disable=not progress) as bar:
-            for batch in self._batches(rows):
-                self._forward(batch, out)
+            while start < len(rows):
+                batch = self._next_batch(rows, start)
+                try:
+                    self._forward(batch, out)
+                except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+                    if not is_oom(e):
+                        raise
+                    oom = True
+                else:
+                    oom = False
+                if oom:             # outside the except block, so the failed forward's tensors are freed
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    self._back_off(batch)
+                    continue
+                start += len(batch)
                 bar.update(len(batch))
         if self.verify and requests and not getattr(self.model, "_assocmem_fast_verified", False):
             self._verify(requests, out)
