@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import assocmem.runners.lca as lca_runner
-from assocmem.config import config_hash
-from assocmem.registry import RunResult, get_task
+from assocmem.registry import RunResult, get_task, run_id
 from assocmem.store import RunStore
 from assocmem.sweep import LocalBackend, expand_grid, make_jobs, run_configs
 
@@ -39,7 +38,7 @@ def test_store_write_read_table_and_skip(tmp_path):
     task, cfgs = expand_grid(grid(range(3)))
     rep = run_configs(task, cfgs, store, progress=False)
     assert rep.ran == 3 and rep.failed == 0
-    rid = config_hash("lca", cfgs[1])
+    rid = run_id(LCA, cfgs[1])
     rec = store.load(rid)
     assert rec["status"] == "ok" and rec["config"]["seed"] == 1 and 0 <= rec["metrics"]["accuracy"] <= 1
     assert set(store.load_weights(rid)) == {"W_E", "W_Q", "W_K", "W_V"}
@@ -50,8 +49,8 @@ def test_store_write_read_table_and_skip(tmp_path):
     before = store.load(rid)["metrics"]
     rep3 = run_configs(task, cfgs[:1], store, progress=False, force=True)
     assert rep3.ran == 1
-    assert store.load(config_hash("lca", cfgs[0]))["metrics"]["accuracy"] == \
-        RunStore(tmp_path).load(config_hash("lca", cfgs[0]))["metrics"]["accuracy"]
+    assert store.load(run_id(LCA, cfgs[0]))["metrics"]["accuracy"] == \
+        RunStore(tmp_path).load(run_id(LCA, cfgs[0]))["metrics"]["accuracy"]
     assert store.load(rid)["metrics"] == before
 
 
@@ -66,9 +65,9 @@ def test_failed_and_diverged_runs_are_recorded_and_others_continue(tmp_path, mon
         return real(configs)
     monkeypatch.setattr(lca_runner, "SPEC", dataclasses.replace(task, run_stack=flaky))
     rep = run_configs(lca_runner.SPEC, cfgs, store, progress=False)
-    statuses = sorted(store.status(config_hash("lca", c)) for c in cfgs)
+    statuses = sorted(store.status(run_id(LCA, c)) for c in cfgs)
     assert statuses == ["error", "error", "ok", "ok"] and rep.failed == 2
-    assert "boom" in store.load(config_hash("lca", cfgs[-1]))["error"]
+    assert "boom" in store.load(run_id(LCA, cfgs[-1]))["error"]
     # errors are retried on the next invocation, finished runs are not
     rep = run_configs(task, cfgs, store, progress=False)
     assert rep.ran == 2
@@ -103,7 +102,7 @@ def test_parallel_local_backend_matches_inline(tmp_path):
     run_configs(task, cfgs, a, progress=False)
     run_configs(task, cfgs, b, backend=LocalBackend(2), progress=False)
     for c in cfgs:
-        rid = config_hash("lca", c)
+        rid = run_id(LCA, c)
         assert a.load(rid)["metrics"]["accuracy"] == b.load(rid)["metrics"]["accuracy"]
 
 
@@ -134,6 +133,6 @@ def test_sigkill_mid_grid_then_rerun_completes_exactly_once(tmp_path):
     for rid in ids:
         rec = store.load(rid)
         assert rec["status"] == "ok" and rec["run_id"] == rid
-        assert config_hash("lca", get_task("lca").make_config(rec["config"])) == rid
+        assert run_id(LCA, LCA.make_config(rec["config"])) == rid
         store.load_weights(rid)
     assert len(pd.read_parquet(out / "runs.parquet")) == 24

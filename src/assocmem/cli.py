@@ -2,11 +2,14 @@
 
     assocmem run TASK [key=value ...] [--config FILE] [--out DIR] [--json] [--force]
     assocmem sweep GRID.yaml [key=value ...] [--out DIR] [--jobs N] [--backend local] [--force]
-    assocmem runs [--out DIR] [--task TASK]
+    assocmem runs [--out DIR] [--task TASK] [--check]
     assocmem reproduce {elephants,hijack,geometric,induction,all} [--scale quick|paper] [--out DIR] [--jobs N]
     assocmem hijack {score,demo} ...
 
-Invalid input exits with status 2 and one line naming the key and the allowed values.
+Invalid input exits with status 2 and one line naming the key and the allowed values. ``--jobs N``
+means the same everywhere: N worker processes, 1 = in-process (``reproduce`` without ``--jobs`` lets
+each experiment choose; elephants uses one process per core). Ctrl-C stores every finished run, says
+how many, and exits 130.
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, config_hash, load_yaml, parse_dotlist, to_dict
+from .config import ConfigError, load_yaml, parse_dotlist, to_dict, unflatten
 
 DEFAULT_OUT = "assocmem-out"
 
-# paper key -> "module:function"; function(out_dir: Path, scale: str, jobs: int, force: bool) -> report.Section
+# paper key -> "module:function";
+# function(out_dir: Path, scale: str, jobs: int | None, force: bool[, backend=None]) -> report.Section
 REPRODUCTIONS: dict[str, str] = {
     "elephants": "assocmem.experiments.elephants:reproduce",
     "induction": "assocmem.experiments.induction:reproduce",
@@ -33,15 +37,35 @@ REPRODUCTIONS: dict[str, str] = {
 EXTENSIONS: dict[str, str] = {"hijack": "assocmem.hijack.cli"}
 
 
+def _out(value: str) -> str:
+    """``--out``: a folder that exists or can be created (checked before any training)."""
+    if not value.strip():
+        raise ConfigError("--out: '' is empty (allowed: a folder path)")
+    path = Path(value)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"--out: {p} is a file (allowed: a folder)")
+            break
+    return value
+
+
+def _jobs(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ConfigError(f"--jobs: {value} is not allowed (allowed: integer >= 1; 1 runs in-process)")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .registry import config_from, get_task
+    from .registry import config_from, get_task, run_id
     from .store import RunStore
     from .sweep import run_configs
 
     task = get_task(args.task)
-    cfg = config_from(task, load_yaml(args.config) if args.config else {}, parse_dotlist(args.overrides))
-    store = RunStore(args.out)
-    rid = config_hash(task.name, cfg)
+    overrides = parse_dotlist(args.overrides)
+    cfg = config_from(task, unflatten(load_yaml(args.config)) if args.config else {}, overrides)
+    store = RunStore(_out(args.out))
+    rid = run_id(task, cfg)
     t0 = time.perf_counter()
     rep = run_configs(task, [cfg], store, force=args.force, progress=False)
     rec = store.load(rid)
@@ -62,17 +86,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .store import RunStore
-    import pandas as pd
-
     from .sweep import grid_from_file, make_backend, run_configs, summarize
 
+    _jobs(args.jobs)
     task, configs = grid_from_file(args.grid, parse_dotlist(args.overrides))
-    store = RunStore(args.out)
+    store = RunStore(_out(args.out))
     kwargs = {"jobs": args.jobs} if args.backend == "local" else {"address": args.address}
     backend = make_backend(args.backend, **kwargs)
     rep = run_configs(task, configs, store, backend=backend, force=args.force, stack=not args.no_stack)
-    df = pd.read_parquet(store.root / "runs.parquet")       # written by run_configs
-    print(summarize(df[df["run_id"].isin(rep.run_ids)], task.summary_keys))
+    df = store.table()                                      # the run folders, not a possibly stale table
+    print(summarize(df[df["run_id"].isin(rep.run_ids)] if not df.empty else df, task.summary_keys))
     print(f"{len(rep.run_ids)} runs: {rep.ran} ran, {rep.skipped} already finished, {rep.failed} failed "
           f"({rep.wall_s:.1f} s); table: {store.root / 'runs.parquet'}")
     return 0 if rep.failed == 0 else 1
@@ -83,7 +106,13 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from .store import RunStore
     from .sweep import summarize
 
-    store = RunStore(args.out)
+    store = RunStore(_out(args.out))
+    if args.check:
+        problems = store.check()
+        for rid, why in problems:
+            print(f"{rid}: {why}")
+        print(f"{len(problems)} damaged run(s) in {store.root}" if problems else f"no damaged runs in {store.root}")
+        return 1 if problems else 0
     df = store.table(args.task)
     if df.empty:
         print(f"no runs in {store.root}")
@@ -100,19 +129,23 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import write_index
 
-    from .sweep import make_backend, override_backend
+    from .sweep import make_backend
 
-    if args.backend != "local":
-        override_backend(make_backend(args.backend, address=args.address))
+    _jobs(args.jobs)
+    backend = None if args.backend == "local" else \
+        make_backend(args.backend, jobs=args.jobs, address=args.address)
     names = list(REPRODUCTIONS) if args.paper == "all" else [args.paper]
-    out = Path(args.out)
+    out = Path(_out(args.out))
     entries = []
     for name in names:
         module, fn = REPRODUCTIONS[name].split(":")
         reproduce = getattr(importlib.import_module(module), fn)
         sub = out / name if args.paper == "all" else out
         t0 = time.perf_counter()
-        extra = {"n": args.n} if args.n is not None and "n" in inspect.signature(reproduce).parameters else {}
+        params = inspect.signature(reproduce).parameters
+        extra = {"n": args.n} if args.n is not None and "n" in params else {}
+        if backend is not None and "backend" in params:     # hijack trains nothing: no backend
+            extra["backend"] = backend
         section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force, **extra)
         print(f"{name}: {section.tally()} in {time.perf_counter() - t0:.1f} s -> {sub / 'report.html'}")
         entries.append((section, f"{name}/report.html" if args.paper == "all" else "report.html"))
@@ -141,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("grid")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to the grid's base")
     s.add_argument("--out", default=DEFAULT_OUT)
-    s.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    s.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: in-process)")
     s.add_argument("--backend", default="local", help="execution backend: local (default) or ray")
     s.add_argument("--address", help="ray: cluster address (default: RAY_ADDRESS or a local instance)")
     s.add_argument("--force", action="store_true")
@@ -151,13 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list stored runs")
     ls.add_argument("--out", default=DEFAULT_OUT)
     ls.add_argument("--task")
+    ls.add_argument("--check", action="store_true", help="verify every run's files; list damaged runs (exit 1 if any)")
     ls.set_defaults(fn=_cmd_runs)
 
     rp = sub.add_parser("reproduce", help="reproduce a paper's figures and write its report")
     rp.add_argument("paper", choices=[*REPRODUCTIONS, "all"])
     rp.add_argument("--scale", choices=["quick", "paper"], default="quick")
     rp.add_argument("--out", default="reproduction")
-    rp.add_argument("--jobs", type=int, default=1)
+    rp.add_argument("--jobs", type=int, default=None,
+                    help="worker processes, 1 = in-process (default: the experiment's choice; elephants: one per core)")
     rp.add_argument("--force", action="store_true", help="retrain even finished runs")
     rp.add_argument("--n", type=int, help="hijack: CounterFact records per curve (default per scale)")
     rp.add_argument("--backend", default="local", help="execution backend for training runs: local or ray")
@@ -177,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"assocmem: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are stored, rerun to continue", file=sys.stderr)
+    except KeyboardInterrupt as e:       # sweep.Interrupted says how many runs it stored
+        print(f"assocmem: {e}" if str(e) else "assocmem: interrupted", file=sys.stderr)
         return 130
 
 

@@ -189,6 +189,8 @@ def parse_dotlist(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides are written key=value (e.g. task.m=6)")
         key, raw = item.split("=", 1)
+        if key.strip() in flat:
+            raise ConfigError(f"{key.strip()}: given twice on the command line (allowed: each key once)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -204,10 +206,16 @@ def parse_dotlist(items: Sequence[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
+    if not str(path) or not path.exists():
         raise ConfigError(f"{path}: file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder (allowed: a YAML file)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (allowed: a YAML file)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, Mapping):

@@ -2,7 +2,8 @@
 
 Results travel back to the driver, which alone writes the run store, so workers need no shared
 filesystem and a crashed worker can never leave half a run behind; Ray retries a task whose worker
-died (``max_retries``). Install with ``pip install 'assocmem[ray]'``; workers need assocmem installed.
+died (``max_retries``); when the driver stops early (Ctrl-C) the tasks still pending are cancelled.
+Install with ``pip install 'assocmem[ray]'``; workers need assocmem installed.
 
     assocmem sweep grid.yaml --backend ray                  # local Ray, or the cluster in RAY_ADDRESS
     assocmem sweep grid.yaml --backend ray --address HOST:6379
@@ -59,12 +60,19 @@ class RayBackend:
         task = ray.remote(num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job,
                           max_retries=self.max_retries, retry_exceptions=False)(_run_job)
         pending = {task.remote(job, int(self.cpus_per_job) or 1): job for job in jobs}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(done[0])
-            try:
-                results = ray.get(done[0])
-            except ray.exceptions.RayError as e:   # retries exhausted: record, keep going
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                results = [RunResult(metrics={}, status="error", error=msg) for _ in job.configs]
-            yield job, results
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(done[0])
+                try:
+                    results = ray.get(done[0])
+                except ray.exceptions.RayError as e:   # retries exhausted: record, keep going
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    results = [RunResult(metrics={}, status="error", error=msg) for _ in job.configs]
+                yield job, results
+        finally:                 # Ctrl-C or the driver stopped early: do not leave tasks computing
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - best effort; finished or unknown refs
+                    pass

@@ -13,7 +13,10 @@ Grid file (YAML)::
 
 Crash safety: the driver writes a run only once its job has returned, via :meth:`RunStore.write`
 (temp folder + rename); a rerun skips finished runs, so killing the process at any moment and
-running again completes the grid with nothing lost, duplicated or half-written.
+running again completes the grid with nothing lost, duplicated or half-written. Worker processes
+die with the driver (``kill -9`` included); Ctrl-C stores every run that had come back and raises
+:class:`Interrupted`, which says how many; a dead worker's job is retried once, then recorded as
+failed. Several sweeps may write one store at once (the store's writes are content-addressed).
 """
 from __future__ import annotations
 
@@ -23,16 +26,19 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, config_hash, load_yaml, merge, unflatten
-from .registry import TASKS, RunResult, TaskSpec, config_from, get_task, load_spec
+from .config import ConfigError, flatten, load_yaml, merge, unflatten
+from .procs import die_with_parent
+from .registry import TASKS, RunResult, TaskSpec, config_from, get_task, load_spec, run_id
 from .store import RunStore
 
 if TYPE_CHECKING:
@@ -68,12 +74,16 @@ def expand_grid(spec: Mapping[str, Any]) -> tuple[TaskSpec, list[Any]]:
         for key in keys:
             if not isinstance(grid[key], (list, tuple)):
                 raise ConfigError(f"grid.{key}: expected a list of values, got {grid[key]!r}")
+            if not grid[key]:
+                raise ConfigError(f"grid.{key}: empty list (allowed: a list of at least one value)")
         for values in itertools.product(*(grid[k] for k in keys)):
             cfg = config_from(task, base, unflatten(dict(zip(keys, values))))
-            rid = config_hash(task.name, cfg)
+            rid = run_id(task, cfg)
             if rid not in seen:
                 seen.add(rid)
                 configs.append(cfg)
+    if not configs:
+        raise ConfigError("grid: no configs (allowed: a mapping of key: [values], or a non-empty list of them)")
     return task, configs
 
 
@@ -87,7 +97,7 @@ def make_jobs(task: TaskSpec, configs: Sequence[Any], stack: bool = True) -> lis
     for cfgs in groups.values():
         for i in range(0, len(cfgs), task.max_stack):
             chunk = cfgs[i:i + task.max_stack]
-            jobs.append(Job(task.name, chunk, [config_hash(task.name, c) for c in chunk],
+            jobs.append(Job(task.name, chunk, [run_id(task, c) for c in chunk],
                             TASKS.get(task.name, "")))
     return jobs
 
@@ -114,17 +124,70 @@ class Backend(Protocol):
     def map(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, list[RunResult]]]: ...
 
 
-def _init_worker(threads: int) -> None:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_configs`, raised after every run that had come back was stored."""
+
+    def __init__(self, stored: int, total: int):
+        super().__init__(f"interrupted: stored {stored} of {total} runs; rerun to continue")
+        self.stored, self.total = stored, total
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_STARTED: Any = None      # in a worker: shared byte per job of the round, set when the job starts
+
+
+def _init_worker(threads: int, parent: int, started: Any = None) -> None:
+    """Worker start: die with the driver (kill -9 included); Ctrl-C is the driver's to handle."""
+    global _STARTED
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STARTED = started
     import torch
     torch.set_num_threads(threads)
 
 
+def _execute_in_worker(slot: int, job: Job) -> list[RunResult]:
+    if _STARTED is not None:
+        _STARTED[slot] = 1
+    return execute_job(job)
+
+
+def _failed(job: Job, error: str) -> list[RunResult]:
+    return [RunResult(metrics={}, status="error", error=error) for _ in job.configs]
+
+
+def _stop(pool: cf.ProcessPoolExecutor, *, force: bool) -> None:
+    """Shut ``pool`` down; with ``force`` cancel what is queued and end its workers now."""
+    if not force:
+        pool.shutdown(wait=True)
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
 class LocalBackend:
-    """In-process (jobs=1) or a pool of ``jobs`` worker processes on this machine."""
+    """In-process (``jobs=1``) or a pool of ``jobs`` worker processes on this machine.
+
+    Workers die with the driver (:mod:`assocmem.procs`) and ignore Ctrl-C, which the driver handles:
+    on KeyboardInterrupt the queue is cancelled, the workers are ended, the results that had already
+    come back are still yielded, then the interrupt propagates. A worker that dies (e.g. by the OOM
+    killer) breaks the pool: the jobs that were running then are suspects and run again one at a time,
+    each in a fresh one-worker pool, so a second death names its job, which is yielded as failed
+    ("worker died: ..."); jobs that had not started run again as usual, and the sweep goes on."""
 
     def __init__(self, jobs: int = 1):
-        if jobs < 1:
-            raise ConfigError(f"--jobs: {jobs} is not allowed (allowed: integer >= 1)")
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise ConfigError(f"--jobs: {jobs!r} is not allowed (allowed: integer >= 1; 1 runs in-process)")
         self.jobs = jobs
 
     def map(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, list[RunResult]]]:
@@ -133,12 +196,67 @@ class LocalBackend:
                 yield job, execute_job(job)
             return
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        hits = [0] * len(jobs)                  # times each job was running when its worker died
+        pending = list(range(len(jobs)))
+        stalled = 0
+        while pending:
+            rounds = [([i], 1) for i in pending if hits[i]]         # suspects: alone, one at a time
+            rest = [i for i in pending if not hits[i]]
+            if rest:
+                rounds.append((rest, self.jobs))
+            pending = []
+            for idx, workers in rounds:
+                broken, started = yield from self._round(jobs, idx, workers, threads)
+                stalled = stalled + 1 if broken and not started else 0   # workers die before any job
+                lost = 0
+                for i, why in broken.items():
+                    hits[i] += i in started or stalled >= 2
+                    if hits[i] < 2 and stalled < 2:
+                        pending.append(i)
+                    else:
+                        lost += 1
+                        yield jobs[i], _failed(jobs[i], f"worker died: {why} (job retried once, alone)")
+                if broken:
+                    print(f"assocmem: a worker process died; {len(broken) - lost} unfinished job(s) run again, "
+                          f"{lost} recorded as failed", file=sys.stderr)
+
+    def _round(self, jobs: Sequence[Job], pending: list[int], workers: int, threads: int):
+        """Run ``jobs[pending]`` in one fresh pool of ``workers`` processes; yield results; return
+        ({index: why} of jobs lost to a dead worker, indices of the jobs that had started)."""
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(threads,)) as pool:
-            futures = {pool.submit(execute_job, job): job for job in jobs}
-            for fut in cf.as_completed(futures):
-                yield futures[fut], fut.result()
+        flags = ctx.RawArray("b", len(pending))     # lock-free: a killed worker cannot hold a lock
+        pool = cf.ProcessPoolExecutor(min(workers, len(pending)), mp_context=ctx, initializer=_init_worker,
+                                      initargs=(threads, os.getpid(), flags))
+        futures: dict[cf.Future, int] = {}
+        yielded: set[cf.Future] = set()
+        broken: dict[int, str] = {}
+        clean = False
+        try:
+            try:
+                for slot, i in enumerate(pending):
+                    futures[pool.submit(_execute_in_worker, slot, jobs[i])] = i
+                for fut in cf.as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        results = fut.result()
+                    except BrokenProcessPool as e:
+                        broken[i] = (str(e) or type(e).__name__).splitlines()[0]
+                        continue
+                    except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled
+                        results = _failed(jobs[i], f"{type(e).__name__}: {e}")
+                    yielded.add(fut)
+                    yield jobs[i], results
+                clean = not broken
+            except KeyboardInterrupt:
+                _stop(pool, force=True)
+                for fut, i in futures.items():     # results that came back before the interrupt
+                    if fut not in yielded and fut.done() and not fut.cancelled() and fut.exception() is None:
+                        yielded.add(fut)
+                        yield jobs[i], fut.result()
+                raise
+        finally:
+            _stop(pool, force=not clean)
+        return broken, {i for slot, i in enumerate(pending) if flags[slot]}
 
 
 # name -> class or "module:Class" (imported on use, so optional dependencies stay optional)
@@ -156,52 +274,82 @@ def make_backend(name: str = "local", **kwargs: Any) -> Backend:
     return cls(**kwargs)
 
 
-_OVERRIDE: Backend | None = None
-
-
-def override_backend(backend: Backend | None) -> None:
-    """Route every later :func:`run_configs` call through ``backend`` (``assocmem reproduce
-    --backend ray`` uses this so experiment modules need not know where runs execute)."""
-    global _OVERRIDE
-    _OVERRIDE = backend
-
-
 @dataclasses.dataclass
 class SweepReport:
     run_ids: list[str]
-    ran: int
-    skipped: int
-    failed: int
+    ran: int             # runs this invocation set out to compute
+    skipped: int         # already finished before it started
+    failed: int          # stored with a status other than ok
     wall_s: float
+    stored: int = 0      # runs this invocation wrote (ran less those another process finished meanwhile)
+
+
+def _check_devices(configs: Sequence[Any]) -> None:
+    """Raise ConfigError before any training if a config asks for a device this machine lacks."""
+    from .training import resolve_device
+    for dev in sorted({d for c in configs if isinstance(d := getattr(c, "device", None), str)}):
+        resolve_device(dev)
+
+
+def _sync(store: RunStore) -> None:
+    try:
+        store.sync_table()
+    except OSError:      # a full disk must not hide what was stored; the next run rebuilds it
+        pass
 
 
 def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, backend: Backend | None = None,
                 force: bool = False, stack: bool = True, progress: bool = True,
                 desc: str | None = None) -> SweepReport:
-    """Run every config not yet finished in ``store`` (all of them with ``force``)."""
+    """Run every config not yet finished in ``store`` (all of them with ``force``).
+
+    Before any training: leftovers of dead writers are removed, and if there is work the store must be
+    writable and (local backend) every requested device present, else ConfigError. Each run is written
+    as soon as its job returns; one finished meanwhile by another process is kept, not overwritten.
+    Ctrl-C stores what had come back and raises :class:`Interrupted`. Ends with ``store.sync_table()``.
+    """
     t0 = time.perf_counter()
-    backend = _OVERRIDE or backend or LocalBackend(1)
-    store.cleanup()
-    ids = [config_hash(task.name, c) for c in configs]
+    backend = backend or LocalBackend(1)
+    try:
+        store.cleanup()
+    except OSError:      # read-only store: nothing of ours to clean
+        pass
+    ids = [run_id(task, c) for c in configs]
     todo = list({rid: c for c, rid in zip(configs, ids) if force or not store.is_finished(rid)}.values())
+    if todo:
+        if isinstance(backend, LocalBackend):
+            _check_devices(todo)
+        store.ensure_writable()
     jobs = make_jobs(task, todo, stack=stack)
-    failed = 0
-    bar = tqdm(total=len(todo), desc=desc or task.name, unit="run", disable=not progress or not todo,
-               file=sys.stderr, dynamic_ncols=True)
+    failed = stored = 0
     meta = {"python": sys.version.split()[0]}
     try:
         import torch
         meta["torch"] = torch.__version__
     except ImportError:
         pass
-    with bar:
-        for job, results in backend.map(jobs):
-            for cfg, rid, res in zip(job.configs, job.run_ids, results):
-                store.write(rid, task.name, cfg, res, meta=meta)
-                failed += res.status != "ok"
-            bar.update(len(job.configs))
-    store.write_table()
-    return SweepReport(ids, len(todo), len(configs) - len(todo), failed, time.perf_counter() - t0)
+    bar = tqdm(total=len(todo), desc=desc or task.name, unit="run", disable=not progress or not todo,
+               file=sys.stderr, dynamic_ncols=True)
+    results_iter = backend.map(jobs)
+    try:
+        with bar:
+            for job, results in results_iter:
+                for cfg, rid, res in zip(job.configs, job.run_ids, results):
+                    if not force and store.is_finished(rid):   # another sweep finished it meanwhile
+                        bar.update(1)
+                        continue
+                    store.write(rid, task, cfg, res, meta=meta, replace=True if force else None)
+                    stored += 1
+                    failed += res.status != "ok"
+                    bar.update(1)
+    except KeyboardInterrupt:
+        close = getattr(results_iter, "close", None)
+        if close is not None:
+            close()          # a generator interrupted outside itself: its finally ends the workers
+        _sync(store)
+        raise Interrupted(stored, len(todo)) from None
+    _sync(store)
+    return SweepReport(ids, len(todo), len(configs) - len(todo), failed, time.perf_counter() - t0, stored)
 
 
 def summarize(df: pd.DataFrame, keys: Sequence[str]) -> str:
@@ -217,7 +365,17 @@ def summarize(df: pd.DataFrame, keys: Sequence[str]) -> str:
 
 
 def grid_from_file(path: str, overrides: Mapping[str, Any] | None = None) -> tuple[TaskSpec, list[Any]]:
+    """Read a grid file; ``overrides`` (nested) replace values of its base. Overriding a key the grid
+    varies is refused (ConfigError): the grid would silently lose that axis."""
     spec = load_yaml(path)
     if overrides:
+        grids = spec.get("grid") or {}
+        varied = [k for g in ([grids] if isinstance(grids, Mapping) else grids) if isinstance(g, Mapping)
+                  for k in g]
+        for key in flatten(overrides):
+            for g in varied:
+                if key == g or key.startswith(f"{g}.") or str(g).startswith(f"{key}."):
+                    raise ConfigError(f"{key}: the grid varies {g} (grid.{g}); change it in {path}, "
+                                      "not on the command line")
         spec["base"] = merge(unflatten(spec.get("base") or {}), overrides)
     return expand_grid(spec)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .config import ConfigError, param
+from .procs import die_with_parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +169,12 @@ class ForkedCall:
 
     def __init__(self, fn: Callable, arg):
         r, w = os.pipe()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:                              # child: compute, write, exit without cleanup
             code = 1
             try:
+                die_with_parent(parent, watchdog=False)    # killed with its parent, kill -9 included
                 os.close(r)
                 try:
                     payload = pickle.dumps((True, fn(arg)), protocol=pickle.HIGHEST_PROTOCOL)

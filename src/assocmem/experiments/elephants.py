@@ -8,7 +8,7 @@ the post-hoc analyses on the stored weights, draws every figure into ``out_dir/f
 
 ``--jobs N`` is the number of worker processes, each with one torch thread (measured: one thread per
 process is several times faster than multi-threaded torch for these small matrices, especially on a
-shared machine). The CLI default ``--jobs 1`` is read as "auto": one process per core.
+shared machine); ``--jobs 1`` trains in-process. Without ``--jobs``: one process per core.
 """
 from __future__ import annotations
 
@@ -128,14 +128,15 @@ def cost(c) -> float:
 
 
 
-def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False,
-              families: list[str] | None = None) -> report.Section:
+def reproduce(out_dir, scale: str = "quick", jobs: int | None = None, force: bool = False,
+              families: list[str] | None = None, backend=None) -> report.Section:
     """Train what is missing, analyse, draw every figure family and write the report."""
     if scale not in SCALES:
         raise ValueError(f"scale: {scale!r} is not allowed (allowed: {', '.join(SCALES)})")
     out = Path(out_dir)
     t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
-    workers = jobs if jobs > 1 else (os.cpu_count() or 1)
+    workers = jobs if jobs is not None else (os.cpu_count() or 1)
+    backend = backend or LocalBackend(workers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -143,7 +144,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False,
         configs = sorted({run_id(SPEC, c): c for cs in g.values() for c in cs}.values(),
                          key=cost, reverse=True)
         store = RunStore(out)
-        rep = run_configs(SPEC, configs, store, backend=LocalBackend(workers), force=force, desc="elephants")
+        rep = run_configs(SPEC, configs, store, backend=backend, force=force, desc="elephants")
         t_train = time.perf_counter() - t0
         cpu_workers = _children_cpu() - k0
         runs = Runs(store, g)
@@ -160,6 +161,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int = 1, force: bool = False,
         sec.meta = report.run_meta(
             scale=scale, workers=f"{workers} process(es) x 1 torch thread",
             runs=f"{len(configs)} ({rep.ran} trained now, {rep.skipped} reused, {rep.failed} failed)",
+            excluded_from_analyses=runs.excluded or "none",
             seeds=", ".join(f"{k}: {v}" for k, v in SCALES[scale].seeds.items()),
             n_eval=SCALES[scale].n_eval,
             train_wall_s=round(t_train, 1),

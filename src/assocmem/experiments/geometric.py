@@ -114,6 +114,7 @@ def e1(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> tuple
     runs = runs[runs["task.format"].eq("sr") & ~runs["model.freeze_embed"] & ~runs["model.freeze_unembed"]
                 & runs["model.emb_std"].eq(0.0) & runs["task.N"].isin([k[0] for k in keys])
                 & runs["model.d_mlp"].eq(0) & ~runs["model.layernorm"] & runs["optim.stop"].eq("acc")]
+    runs, excluded = report.usable_runs(runs)       # diverged runs have no accuracy: counted, not averaged
     plots.save(gp.acc_vs_d(runs), fig_dir, "geo_e1_acc_vs_d")
     x = (df["R"] * np.log2(df["N"])).to_numpy(float)
     alpha = beta = None
@@ -145,6 +146,8 @@ def e1(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> tuple
             f"{sc.max_steps} steps (patience {BASE_OPTIM['patience']}), {sc.seeds} seeds (one for N >= {BIG_N}); d* = "
             f"smallest d on the grid {list(sc.d_grid)} where at least half of the seeds reach 100%; the search starts "
             f"at d ~ 0.3 R log2 N and walks one grid step at a time (same threshold as bisection for monotone success).\n\n```\n{df.to_string(index=False)}\n```")
+    if excluded:
+        text += f"\n\nAccuracy-vs-d curves: {excluded}."
     return report.Family("E1 minimal dimension d*", ["figures/geo_e1_acc_vs_d.png", "figures/geo_e1_dstar.png"],
                          checks, text), df
 
@@ -181,14 +184,15 @@ def e2(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> repor
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------------
-def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: bool = False) -> report.Section:
+def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None, force: bool = False,
+              backend=None) -> report.Section:
     if scale not in SCALES:
         raise ValueError(f"scale: {scale!r} is not allowed (allowed: {', '.join(SCALES)})")
     sc = SCALES[scale]
     out = Path(out_dir)
     fig_dir = out / "figures"
     store = RunStore(out)
-    backend = LocalBackend(jobs)
+    backend = backend or LocalBackend(jobs or 1)
     times, fams = {}, []
     t0 = time.perf_counter()
     fams.append(e0(sc, fig_dir))

@@ -229,8 +229,8 @@ def training_configs(sc: Scale, data_path: str = DEFAULT_DATA_PATH):
 
 
 # ---------------------------------------------------------------------------------------------
-def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: bool = False,
-              data_path: str = DEFAULT_DATA_PATH) -> report.Section:
+def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None, force: bool = False,
+              data_path: str = DEFAULT_DATA_PATH, backend=None) -> report.Section:
     t_start = time.perf_counter()
     sc = SCALES[scale]
     out = Path(out_dir)
@@ -238,7 +238,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int = 1, force: b
     store = RunStore(out)
     spec = get_task("induction")
     st = load_stats(data_path)
-    backend = LocalBackend(jobs)
+    backend = backend or LocalBackend(jobs or 1)
     families: list[report.Family] = []
     timings = {}
 
