@@ -42,7 +42,8 @@ class Runs:
         self.store = store
         self.cfg = {run_id(get_task(TASK), c): c for cs in grids.values() for c in cs}
         df = store.table(TASK)
-        self.df = df[df["run_id"].isin(list(self.cfg)) & (df["status"] == "ok")] if not df.empty else df
+        df = df[df["run_id"].isin(list(self.cfg))] if not df.empty else df
+        self.df, self.excluded = report.usable_runs(df)   # status ok only; e.g. "2 diverged runs excluded"
         self.ids = {fam: {run_id(get_task(TASK), c) for c in cs} for fam, cs in grids.items()}
 
     def family(self, fam: str, **eq) -> pd.DataFrame:
