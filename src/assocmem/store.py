@@ -311,7 +311,7 @@ class RunStore:
         rec = self.record(rid)
         cfg = _read_json(p / "config.json")
         cfg = cfg if isinstance(cfg, dict) else {}
-        name = cfg.get("task") or (rec or {}).get("task")
+        name = cfg.get("task") or (rec or {}).get("task") or "unknown"
         if task is not None and name != task:
             return None
         met = _read_json(p / "metrics.json") if self._intact(rid, rec) else None
