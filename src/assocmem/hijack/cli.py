@@ -27,16 +27,12 @@ def parse_ks(text: str) -> list[int]:
     """"0..10" (inclusive range), "0,1,5" (list) or "3" (just k = 3); at most :data:`MAX_KS` values."""
     m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", text)
     allowed = f"(allowed: a range like 0..10, a list like 0,1,5, or one integer >= 0; at most {MAX_KS} values)"
+    if m and int(m.group(2)) - int(m.group(1)) + 1 > MAX_KS:
+        raise ConfigError(f"k: {text!r} has {int(m.group(2)) - int(m.group(1)) + 1} values {allowed}")
+    if not m and text.count(",") >= MAX_KS:
+        raise ConfigError(f"k: {text[:40]!r}... has {text.count(',') + 1} values {allowed}")
     try:
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi - lo + 1 > MAX_KS:
-                raise ConfigError(f"k: {text!r} has {hi - lo + 1} values {allowed}")
-            ks = list(range(lo, hi + 1))
-        else:
-            if text.count(",") >= MAX_KS:
-                raise ConfigError(f"k: {text[:40]!r}... has {text.count(',') + 1} values {allowed}")
-            ks = [int(x) for x in text.split(",")]
+        ks = list(range(int(m.group(1)), int(m.group(2)) + 1)) if m else [int(x) for x in text.split(",")]
     except ValueError:
         ks = []
     if not ks or min(ks) < 0:
