@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from assocmem.cli import main
@@ -43,3 +45,103 @@ def test_sweep_and_runs_listing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 runs in" in out and "accuracy" in out
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+
+
+def _grid(path, **grid):
+    path.write_text(yaml.safe_dump({"task": "lca", "base": {k: yaml.safe_load(v) for k, v in
+                                                            (s.split("=") for s in SMALL)},
+                                    "grid": grid or {"seed": [0, 1]}}))
+    return str(path)
+
+
+def _bad_inputs(tmp):
+    """name -> argv; each must exit 2 with one line naming the problem, before any training."""
+    (tmp / "latin1.yaml").write_bytes(b"task: {m: 3}\n# caf\xe9\n")
+    (tmp / "folder").mkdir()
+    (tmp / "a_file").write_text("x")
+    g = _grid(tmp / "g.yaml")
+    out = str(tmp / "o")
+    return {
+        "config not UTF-8": (["run", "lca", "--config", str(tmp / "latin1.yaml"), "--out", out], "UTF-8"),
+        "config a folder": (["run", "lca", "--config", str(tmp / "folder"), "--out", out], "folder"),
+        "grid value empty list": (["sweep", _grid(tmp / "e.yaml", **{"task.m": []}), "--out", out], "task.m"),
+        "grid not UTF-8": (["sweep", str(tmp / "latin1.yaml"), "--out", out], "UTF-8"),
+        "grid a folder": (["sweep", str(tmp / "folder"), "--out", out], "folder"),
+        "sweep --out a file": (["sweep", g, "--out", str(tmp / "a_file")], "a_file"),
+        "run --out a file": (["run", "lca", *SMALL, "--out", str(tmp / "a_file")], "a_file"),
+        "run --out empty": (["run", "lca", *SMALL, "--out", ""], "--out"),
+        "sweep --out empty": (["sweep", g, "--out", ""], "--out"),
+        "override of a grid key": (["sweep", g, "seed=3", "--out", out], "seed"),
+        "duplicate key": (["run", "lca", *SMALL, "task.m=4", "--out", out], "task.m"),
+        "sweep --jobs 0": (["sweep", g, "--jobs", "0", "--out", out], "--jobs"),
+        "reproduce --jobs 0": (["reproduce", "elephants", "--jobs", "0", "--out", out], "--jobs"),
+        "reproduce --out a file": (["reproduce", "elephants", "--out", str(tmp / "a_file")], "a_file"),
+        "device cuda": (["run", "lca", *SMALL, "device=cuda", "--out", out], "device"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "config not UTF-8", "config a folder", "grid value empty list", "grid not UTF-8", "grid a folder",
+    "sweep --out a file", "run --out a file", "run --out empty", "sweep --out empty", "override of a grid key",
+    "duplicate key", "sweep --jobs 0", "reproduce --jobs 0", "reproduce --out a file", "device cuda"])
+def test_each_bad_input_exits_2_with_one_line_before_training(tmp_path, capsys, case):
+    if case == "device cuda":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    argv, needle = _bad_inputs(tmp_path)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("assocmem: error: ") and needle in err[0], err
+    assert not (tmp_path / "o" / "runs").exists() and not (tmp_path / "o" / "runs.parquet").exists()
+
+
+def test_config_file_accepts_dotted_keys(tmp_path, capsys):
+    nested, dotted = tmp_path / "n.yaml", tmp_path / "d.yaml"
+    nested.write_text("task: {m: 3, L: 8}\nmodel: {d_model: 8}\noptim: {steps: 5, batch_size: 16}\neval: {n_eval: 64}\n")
+    dotted.write_text("task.m: 3\ntask.L: 8\nmodel.d_model: 8\noptim: {steps: 5}\noptim.batch_size: 16\neval.n_eval: 64\n")
+    ids = []
+    for f in (nested, dotted):
+        assert main(["run", "lca", "--config", str(f), "--out", str(tmp_path / "o"), "--json"]) == 0
+        ids.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"])
+    assert ids[0] == ids[1]
+
+
+def test_runs_check_and_read_only_store(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "lca", *SMALL, "--out", str(out), "--json"]) == 0
+    rid = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"]
+    assert main(["runs", "--check", "--out", str(out)]) == 0
+    assert "no damaged runs" in capsys.readouterr().out
+    os.chmod(out / "runs", 0o555)
+    os.chmod(out, 0o555)
+    try:            # (root can write anyway; the listing and the served result must work either way)
+        assert main(["runs", "--out", str(out)]) == 0           # reads the folders of a read-only store
+        assert "1 runs in" in capsys.readouterr().out
+        assert main(["run", "lca", *SMALL, "--out", str(out), "--json"]) == 0    # served, not rewritten
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"]
+    finally:
+        os.chmod(out, 0o755)
+        os.chmod(out / "runs", 0o755)
+    m = out / "runs" / rid / "metrics.json"
+    m.write_text(m.read_text()[:20])                            # truncated
+    assert main(["runs", "--check", "--out", str(out)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{rid}: ") and "1 damaged run" in lines[-1]
+
+
+def test_ctrl_c_message_is_truthful(monkeypatch, capsys):
+    import assocmem.cli as cli
+    from assocmem.sweep import Interrupted
+
+    def interrupted(args):
+        raise Interrupted(3, 60)
+
+    def bare(args):
+        raise KeyboardInterrupt
+
+    for fn, expect in ((interrupted, "assocmem: interrupted: stored 3 of 60 runs; rerun to continue"),
+                       (bare, "assocmem: interrupted")):
+        monkeypatch.setattr(cli, "_cmd_runs", fn)
+        assert cli.main(["runs"]) == 130
+        assert capsys.readouterr().err.strip() == expect

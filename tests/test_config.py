@@ -63,3 +63,13 @@ def test_seed_streams_are_distinct_and_overridable():
     s = cfg.seeds.resolve(cfg.seed)
     assert s.eval == 123 and len({s.task, s.init, s.train}) == 3
     assert cfg.seeds.resolve(5).init != s.init
+
+
+def test_unreadable_yaml_and_duplicate_overrides_are_one_line_errors(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"seed: 1 # caf\xe9\n")
+    for path, needle in ((tmp_path / "latin1.yaml", "not UTF-8"), (tmp_path, "is a folder")):
+        with pytest.raises(ConfigError, match=needle) as e:
+            load_yaml(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="task.m: given twice"):
+        parse_dotlist(["task.m=3", "seed=1", "task.m=4"])

@@ -185,3 +185,21 @@ def test_job_that_always_kills_its_worker_is_recorded_failed_alone(tmp_path, mon
     assert {s: r["status"] for s, r in recs.items()} == {0: "ok", 1: "error", 2: "ok", 3: "ok"}
     assert recs[1]["error"].startswith("worker died") and rep.failed == 1 and rep.stored == 4
     assert "a worker process died" in capsys.readouterr().err
+
+
+FORKER = '''
+import sys, time
+from assocmem.training import ForkedCall
+child = ForkedCall(lambda s: time.sleep(s), 60)     # a run's forked helper, busy for a minute
+print(child.pid, flush=True)
+time.sleep(60)
+'''
+
+
+def test_forked_helper_dies_with_its_parent_on_kill_9(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", FORKER], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    assert alive([child])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert wait_for(lambda: not alive([child]), timeout=5.0)
