@@ -354,12 +354,15 @@ class RunStore:
             return None
         if not os.access(self.root, os.W_OK | os.X_OK):
             return None
-        try:
-            io.atomic_write_parquet(self.table(), self.table_path)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                return None
-            raise
+        for _ in range(3):     # a concurrent writer may publish a run while we build the table
+            try:
+                io.atomic_write_parquet(self.table(), self.table_path)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return None
+                raise
+            if self.table_is_current():
+                break
         return self.table_path
 
     write_table = sync_table   # old name
