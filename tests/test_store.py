@@ -61,7 +61,7 @@ def test_completion_record_lists_every_file_and_protocol_is_recorded(tmp_path):
     assert list(df["protocol"]) == [LCA.protocol] and list(df["status"]) == ["ok"]
 
 
-@pytest.mark.parametrize("damage", ["truncate metrics", "truncate weights", "remove weights", "remove record",
+@pytest.mark.parametrize("damage", ["truncate metrics", "truncate config", "truncate weights", "remove weights", "remove record",
                                     "garble record", "flip a byte"])
 def test_damaged_run_is_found_by_check_and_recomputed_by_the_next_sweep(tmp_path, damage):
     store = RunStore(tmp_path)
@@ -71,6 +71,10 @@ def test_damaged_run_is_found_by_check_and_recomputed_by_the_next_sweep(tmp_path
     p = store.path(rid)
     if damage == "truncate metrics":
         (p / "metrics.json").write_text((p / "metrics.json").read_text()[:20])
+    elif damage == "truncate config":
+        (p / "config.json").write_text("{")
+        assert rid not in set(store.table("lca")["run_id"])
+        assert store.table().set_index("run_id").loc[rid, "task"] == "unknown"
     elif damage == "truncate weights":
         data = (p / "weights.safetensors").read_bytes()
         (p / "weights.safetensors").write_bytes(data[: len(data) // 2])

@@ -286,9 +286,7 @@ class RunStore:
                     else:
                         p.unlink()
                     removed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError:
+                except OSError:    # vanished under us (another cleaner), or not ours to remove
                     continue
         return removed
 
@@ -296,7 +294,8 @@ class RunStore:
     def table(self, task: str | None = None) -> pd.DataFrame:
         """One row per run folder (read from the folders, never from runs.parquet): run_id, task,
         protocol, status, record (a digest of the completion record), flattened config and scalar
-        metrics. A damaged run has status ``damaged`` and no metrics (details: :meth:`check`)."""
+        metrics. A damaged run has status ``damaged`` and no metrics (details: :meth:`check`); one whose
+        config.json is unreadable has task ``unknown`` (so it is listed, but never under a task)."""
         import pandas as pd        # here, not at module level: sweep workers never need it
 
         rows = [r for rid in self.run_ids() if (r := self._row(rid, task)) is not None]
@@ -311,7 +310,7 @@ class RunStore:
         rec = self.record(rid)
         cfg = _read_json(p / "config.json")
         cfg = cfg if isinstance(cfg, dict) else {}
-        name = cfg.get("task") or (rec or {}).get("task") or "unknown"
+        name = cfg.get("task") or "unknown"      # config.json unreadable: listed, never under a task
         if task is not None and name != task:
             return None
         met = _read_json(p / "metrics.json") if self._intact(rid, rec) else None
