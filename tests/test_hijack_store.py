@@ -116,56 +116,72 @@ def test_relation_scheme_keys_its_per_relation_templates(tiny_dir, data_file, tm
 # ----------------------------------------------------------------------------------- kill and resume
 
 DRIVER = r"""
-import os, signal, sys
+import json, os, signal, sys
 from assocmem import io
-from assocmem.hijack import evaluate
-mode, target, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-if mode == "commit":     # die after `target` is fully written to its temp folder, before the rename
-    orig = io.atomic_write
-    def atomic_write(path, write):
-        out = orig(path, write)
-        if path.name == target:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    io.atomic_write = atomic_write
-else:                    # die while scoring the target-th chunk of this process
-    orig, calls = evaluate.score_records, []
-    def score_records(*a, **k):
-        calls.append(1)
-        if len(calls) == int(target):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*a, **k)
-    evaluate.score_records = score_records
 from assocmem.cli import main
-sys.exit(main(argv))
+from assocmem.hijack import evaluate
+from assocmem.hijack.store import ScoreStore
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa
+phases, argv, out, eid = json.loads(sys.argv[1]), sys.argv[2:], sys.argv[-1], None
+
+
+def die_at(mode, target):
+    if mode == "commit":     # die after `target` is fully written to its temp folder, before the rename
+        orig = io.atomic_write
+        def atomic_write(path, write):
+            res = orig(path, write)
+            if path.name == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return res
+        io.atomic_write = atomic_write
+    else:                    # die while scoring the target-th chunk of this process
+        orig, calls = evaluate.score_records, []
+        def score_records(*a, **k):
+            calls.append(1)
+            if len(calls) == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(*a, **k)
+        evaluate.score_records = score_records
+
+
+report = []
+for mode, target in phases:  # one forked process per phase (the imports are paid once)
+    pid = os.fork()
+    if pid == 0:
+        die_at(mode, target)
+        os._exit(main(argv))
+    _, status = os.waitpid(pid, 0)
+    entries = [p for p in (ScoreStore(out).dir).iterdir() if not p.name.startswith(".")]
+    e = ScoreStore(out).entry(entries[0].name)
+    report.append({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                   "stored": e.stored_records(), "finished": e.finished,
+                   "leftovers": sorted(p.name for p in e.path.iterdir() if p.name.startswith("."))})
+print(json.dumps(report))
 """
 
 
-@pytest.mark.slow   # three interpreter starts (~5 s each)
+@pytest.mark.slow   # one interpreter start (~5 s) and three forked runs
 def test_sigkill_at_three_moments_then_resume_equals_uninterrupted(tiny_dir, data_file, tmp_path, capsys):
     from assocmem.hijack.store import ScoreStore
     argv = ["hijack", "score", "--model", tiny_dir, "--data", data_file, "--k", "0..3", "--paraphrase",
             "--neighborhood", "--chunk", "1", "--threads", threads(), "--json"]
     rc, out, _ = cli(argv + ["--out", tmp_path / "ref"], capsys)
     ref = ScoreStore(tmp_path / "ref").entry(last_json(out)["id"])
-    store = ScoreStore(tmp_path / "run")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    def killed(mode, target):
-        p = subprocess.run([sys.executable, "-c", DRIVER, mode, str(target)]
-                           + [str(a) for a in argv + ["--out", tmp_path / "run"]], env=env, capture_output=True)
-        assert p.returncode == -9, p.stderr.decode()[-2000:]
-        return store.entry(ref.id)
-
-    e = killed("commit", "chunk-000001.parquet")          # 1: mid-write of the second chunk
-    assert e.stored_records() == 1 and any(".tmp-" in h for h in hidden(e.path))
-    e = killed("score", 3)                                # 2: while scoring (two more chunks committed)
-    assert e.stored_records() == 3 and hidden(e.path) == []       # the dead writer's leftover is gone
-    e = killed("commit", "table.parquet")                 # 3: mid-write of the final table
-    assert e.stored_records() == 7 and not e.finished and hidden(e.path)
+    phases = [("commit", "chunk-000001.parquet"),    # 1: mid-write of the second chunk
+              ("score", 3),                          # 2: while scoring (two more chunks committed first)
+              ("commit", "table.parquet")]           # 3: mid-write of the final table
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(phases)]
+                       + [str(a) for a in argv + ["--out", tmp_path / "run"]], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    k1, k2, k3 = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [k["signal"] for k in (k1, k2, k3)] == [9, 9, 9]
+    assert k1["stored"] == 1 and any(n.startswith(".tmp-") for n in k1["leftovers"])
+    assert k2["stored"] == 3 and k2["leftovers"] == []           # the dead writer's leftover is gone
+    assert k3["stored"] == 7 and not k3["finished"] and k3["leftovers"]
     rc, out, _ = cli(argv + ["--out", tmp_path / "run"], capsys)
     assert rc == 0 and last_json(out)["id"] == ref.id and last_json(out)["cached"] is False
-    e = store.entry(ref.id)
+    e = ScoreStore(tmp_path / "run").entry(ref.id)
     pd.testing.assert_frame_equal(e.table(), ref.table())
     assert e.done["records"] == 7 and sum(c["rows"] for c in e.done["chunks"]) == len(ref.table())
     assert not e.table().duplicated(["case_id", "k", "kind", "prompt_index"]).any()
