@@ -41,6 +41,13 @@ def compare(fp32, bf16, names=("float32", "bfloat16")) -> dict:
             "median_abs_nll_diff": round(float(np.median(nll_diff)), 5)}
 
 
+def _write(path: str, result: dict) -> None:
+    from pathlib import Path
+
+    from assocmem.io import atomic_write_text
+    atomic_write_text(Path(path), json.dumps(result) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -95,13 +102,12 @@ def main(argv=None) -> int:
               f" 0.02); verdict agreement {r['verdict_agreement']:.4f} ({r['verdicts_flipped']} of "
               f"{r['n_records'] * len(r['ks'])} flipped); max |NLL diff| {r['max_abs_nll_diff']}, "
               f"median {r['median_abs_nll_diff']}", flush=True)
+        if args.out:                                    # after each model, so a stopped run keeps what finished
+            _write(args.out, result)
     result["all_within_0.02"] = all(m["max_abs_es_diff"] <= 0.02 for m in result["models"].values())
-    line = json.dumps(result)
     if args.out:
-        from assocmem.io import atomic_write_text
-        from pathlib import Path
-        atomic_write_text(Path(args.out), line + "\n")
-    print(line)
+        _write(args.out, result)
+    print(json.dumps(result))
     return 0
 
 
