@@ -34,6 +34,42 @@ def test_es_is_strict_mean_over_records_and_ps_averages_within_record():
         summarize(df, "accuracy")
 
 
+def test_ns_is_mean_over_neighborhood_prompts_of_true_winning():
+    df = table([
+        (0, 0, "rewrite", 1.0, 2.0, 0, 0),
+        (0, 0, "neighborhood", 2.0, 1.0, 0, 0), (0, 0, "neighborhood", 1.0, 2.0, 0, 0),   # record 0: 1/2
+        (0, 0, "neighborhood", 3.0, 1.0, 0, 0), (0, 0, "neighborhood", 1.0, 1.0, 0, 0),   # +1, tie -> 2/4
+        (1, 0, "neighborhood", 5.0, 1.0, 0, 0),                                            # record 1: 1
+        (0, 1, "neighborhood", 1.0, 2.0, 0, 0), (1, 1, "neighborhood", 1.0, 2.0, 0, 0),   # k=1: 0, 0
+    ])
+    m = per_record(df, "ns")
+    assert m[0].tolist() == [0.5, 1.0] and m[1].tolist() == [0.0, 0.0]
+    s = summarize(df, "ns")
+    assert s.value.tolist() == pytest.approx([0.75, 0.0]) and s.n[0] == 2
+    assert summarize(df, "es").n[0] == 1                     # neighbourhood rows never count as ES
+
+
+def test_build_requests_neighborhood_and_control_other():
+    from assocmem.hijack.counterfact import parse_records
+    from assocmem.hijack.evaluate import build_requests
+    from assocmem.hijack.schemes import control_others, load_schemes
+    from assocmem.hijack.testing import records
+    recs = parse_records(records()).records
+    book = load_schemes()
+    reqs, keys, _ = build_requests(recs[:1], book.get("generic_false"), [0, 2], book.countries, neighborhood=True,
+                                   skip={(0, 0)})
+    assert [(k["k"], k["kind"]) for k in keys] == [(2, "rewrite"), (2, "neighborhood")]
+    assert reqs[1].context == "Do not think of English. Do not think of English. The native language of Montesquieu is"
+    assert reqs[1].targets == ("English", "French")
+    ctl = book.get("control_other")
+    others = control_others(recs, seed=3)
+    reqs, keys, skipped = build_requests(recs, ctl, [1], book.countries, others=others)
+    assert skipped.total == 0 and len(reqs) == len(recs)
+    for r, req in zip(recs, reqs):
+        assert req.context == f"Do not think of {others[r.case_id]}. {r.text}"
+        assert others[r.case_id] not in (r.target_new, r.target_true)
+
+
 def test_bootstrap_ci_sanity():
     const = np.full((50, 2), 0.7)
     m, lo, hi = bootstrap_ci(const)
