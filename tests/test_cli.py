@@ -145,3 +145,35 @@ def test_ctrl_c_message_is_truthful(monkeypatch, capsys):
         monkeypatch.setattr(cli, "_cmd_runs", fn)
         assert cli.main(["runs"]) == 130
         assert capsys.readouterr().err.strip() == expect
+
+
+def test_reproduce_passes_the_backend_explicitly(tmp_path, monkeypatch, capsys):
+    import types
+
+    import assocmem.cli as cli
+    import assocmem.sweep as sweep
+    seen = {}
+
+    class Section:
+        def tally(self):
+            return "ok"
+
+    def with_backend(out_dir, scale, jobs, force, backend=None):
+        seen["with"] = (jobs, backend)
+        return Section()
+
+    def without_backend(out_dir, scale, jobs, force):           # e.g. hijack: trains nothing
+        seen["without"] = jobs
+        return Section()
+    mod = types.ModuleType("fake_repro")
+    mod.a, mod.b = with_backend, without_backend
+    monkeypatch.setitem(sys.modules, "fake_repro", mod)
+    monkeypatch.setattr(cli, "REPRODUCTIONS", {"a": "fake_repro:a", "b": "fake_repro:b"})
+    import assocmem.report as report
+    monkeypatch.setattr(report, "write_index", lambda entries, out: out / "index.html")
+    monkeypatch.setattr(sweep, "make_backend", lambda name, **kw: ("backend", name, kw))
+    assert cli.main(["reproduce", "all", "--backend", "ray", "--jobs", "3", "--out", str(tmp_path)]) == 0
+    assert seen == {"with": (3, ("backend", "ray", {"jobs": 3, "address": None})), "without": 3}
+    assert not hasattr(sweep, "override_backend")
+    assert cli.main(["reproduce", "a", "--out", str(tmp_path)]) == 0
+    assert seen["with"] == (None, None)                          # local: the experiment builds its own

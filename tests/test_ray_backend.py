@@ -11,7 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray not installed (pip install 'assocmem[ray]')")
 
-from assocmem.config import config_hash  # noqa: E402
+from assocmem.registry import run_id  # noqa: E402
 from assocmem.registry import TASKS  # noqa: E402
 from assocmem.store import RunStore  # noqa: E402
 from assocmem.sweep import expand_grid, run_configs  # noqa: E402
@@ -88,7 +88,7 @@ def test_ray_matches_local_and_survives_a_worker_crash(cluster, tmp_path, monkey
     rep = run_configs(task, cfgs, remote, backend=backend, progress=False)
     assert rep.failed == 0
     assert ray.cluster_resources().get("CPU", 0) >= 2          # head + worker node
-    assert local.run_ids() == remote.run_ids() == sorted(config_hash("lca", c) for c in cfgs)
+    assert local.run_ids() == remote.run_ids() == sorted(run_id(task, c) for c in cfgs)
     for rid in local.run_ids():
         assert local.load(rid)["metrics"]["accuracy"] == remote.load(rid)["metrics"]["accuracy"]
 

@@ -117,7 +117,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if df.empty:
         print(f"no runs in {store.root}")
         return 0
-    keys: list[str] = ["task"]
+    keys: list[str] = ["task"] + (["protocol"] if "protocol" in df.columns else [])
     for name in sorted(set(df["task"])):
         if name in TASKS:
             keys += [k for k in get_task(name).summary_keys if k not in keys]
