@@ -1,0 +1,193 @@
+"""The mechanism lab end to end: :func:`analyse` runs every analysis of :mod:`explain` and
+:mod:`explain_patch` on one model and scheme and returns tidy tables; :func:`families` turns them into
+report families; :func:`report_families` is the cheap version used by ``reproduce hijack``."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import report
+from . import explain as X
+from . import explain_patch as P
+
+NEUTRAL_RELPATH = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
+
+
+def default_neutral_path() -> str | None:
+    """tiny-Shakespeare from ``$ASSOCMEM_SHARED_DATA`` or ../shared/data (None if absent)."""
+    shared = os.environ.get("ASSOCMEM_SHARED_DATA")
+    cands = [Path(shared) / "tinyshakespeare" / "input.txt"] if shared else []
+    cands += [Path.cwd().parent / NEUTRAL_RELPATH] + [p.parent / NEUTRAL_RELPATH for p in Path(__file__).resolve().parents]
+    return next((str(c) for c in cands if c.exists()), None)
+
+
+def analyse(model, tok, records, scheme, countries, ks: Sequence[int], sep: str = " ", select_frac: float = 0.5,
+            n_patch: int | None = 48, hs: Sequence[int] = (1, 2, 4, 8), n_ov: int = 4,
+            neutral_path: str | None = "default", seed: int = 0, progress: bool = False) -> dict:
+    """All analyses; returns {name: DataFrame} plus "timing" (seconds per step) and "notes" (list[str]).
+
+    Records keep their given (seeded) order; the first ``select_frac`` of them choose the patching
+    ranking and the ablation means, the rest evaluate the ablation, OV reading and concept control."""
+    ks = sorted(set(int(k) for k in ks) | {0})
+    K = ks[-1]
+    timing, notes, t = {}, [], time.perf_counter()
+
+    def tick(name):
+        nonlocal t
+        now = time.perf_counter()
+        timing[name] = round(now - t, 2)
+        t = now
+
+    lab = X.Lab(model, tok)
+    prompts, skipped = X.build_prompts(tok, records, scheme, countries, ks, sep)
+    if skipped:
+        notes.append("records skipped: " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
+    traces = X.run_traces(lab, prompts, progress=progress)
+    tick("traces")
+    by = {(tr.prompt.case_id, tr.prompt.k): tr for tr in traces}
+    sel, ev = X.split([p.case_id for p in prompts], select_frac)
+    rec_by = {r.case_id: r for r in records}
+    out = {"margins": X.margins_table(traces).assign(split=lambda d: np.where(d.case_id.isin(sel), "select",
+                                                                                      "eval")),
+           "logit_lens": X.logit_lens(traces)}
+    cue = X.cue_attention(traces)
+    out["cue_attention"] = X.cue_correlation(cue) if len(cue) else cue
+    out["dla"] = X.dla(traces, ks=(0, K))
+    out["dla_rank"] = X.dla_ranking(out["dla"])
+    tick("lens_cue_dla")
+    patch_ids = sel[:n_patch] if n_patch else sel
+    out["patching"] = P.patching(lab, by, patch_ids, K, progress=progress)
+    out["patch_rank"] = P.patch_ranking(out["patching"])
+    tick("patching")
+    ranked = P.top_heads(out["patch_rank"], max(hs))
+    means = P.head_means([by[(c, 0)] for c in sel])
+    npath = default_neutral_path() if neutral_path == "default" else neutral_path
+    neutral = P.neutral_ids(tok, npath)
+    if neutral is None:
+        notes.append(f"neutral text not found ({npath or 'tiny-Shakespeare'}): clean cost shown as ES at k=0 only")
+    ev_recs = [rec_by[c] for c in ev]
+    out["ablation"] = P.ablation(lab, ev_recs, scheme, countries, ks, sep, ranked, means, (0, *hs), neutral)
+    tick("ablation")
+    out["ov"] = P.ov_copying(lab, ranked[:n_ov], ev_recs, records)
+    tick("ov")
+    out["concept"] = P.concept_control(lab, ev_recs, records, K, sep, seed)
+    tick("concept")
+    out["timing"], out["notes"] = timing, notes
+    out["splits"] = {"select": len(sel), "eval": len(ev), "patched": len(patch_ids)}
+    return out
+
+
+def summary(t: dict) -> dict:
+    """The headline numbers of one :func:`analyse` result (JSON-friendly)."""
+    m = t["margins"].groupby("k")["margin"].mean()
+    lens = t["logit_lens"]
+    K = int(lens["k"].max())
+    lastL = int(lens["layer"].max())
+    ll = lens.groupby(["k", "layer"])["margin"].mean().unstack("k")
+    shift = (ll[K] - ll[0])
+    cue = t["cue_attention"]
+    cueK = cue[cue["k"] == K].sort_values("mass", ascending=False).head(5) if len(cue) else cue
+    pr = t["patch_rank"]
+    heads = lambda d: [f"L{a}H{b}:{f:.3f}" for a, b, f in zip(d["layer"], d["head"], d["frac"])]  # noqa: E731
+    ab = t["ablation"]
+    abK = ab[ab["k"] == K].set_index("h")
+    ab0 = ab[ab["k"] == 0].set_index("h")
+    ov = t["ov"].groupby(["layer", "head"])[["rank_self", "rank_relation"]].median().reset_index()
+    cc = t["concept"]
+    return {
+        "margin_by_k": {int(k): round(float(v), 3) for k, v in m.items()},
+        "lens_first_layer_half_shift": int(np.argmax(shift.to_numpy() >= 0.5 * shift.iloc[-1]))
+        if shift.iloc[-1] > 0 else None,
+        "lens_shift_by_layer": [round(float(v), 3) for v in shift],
+        "lens_final_layer": lastL,
+        "top_cue_heads": [f"L{a}H{b}:{ms:.3f} (r={r:.2f})" for a, b, ms, r in
+                          zip(cueK["layer"], cueK["head"], cueK["mass"], cueK["corr"])],
+        "top_dla": [f"{c}{'' if l < 0 else l}{'' if h < 0 else 'H' + str(h)}:{s:+.3f}" for c, l, h, s in
+                    zip(*[t["dla_rank"][x].head(8) for x in ("component", "layer", "head", "shift")])],
+        "top_patch_to_clean": heads(pr[(pr.direction == "to_clean") & (pr.component == "head")].head(8)),
+        "top_patch_to_hijacked": heads(pr[(pr.direction == "to_hijacked") & (pr.component == "head")].head(8)),
+        "resid_patch_to_clean": [round(float(f), 3) for f in
+                                 pr[(pr.direction == "to_clean") & (pr.component == "resid")]
+                                 .sort_values("layer")["frac"]],
+        "ablation": {int(h): {"es_k0": round(float(ab0.loc[h, "es"]), 3), f"es_k{K}": round(float(r["es"]), 3),
+                              "neutral_loss": round(float(r["neutral_loss"]), 4)} for h, r in abK.iterrows()},
+        "ov_median_ranks": {f"L{a}H{b}": [float(x), float(y)] for a, b, x, y in
+                            zip(ov["layer"], ov["head"], ov["rank_self"], ov["rank_relation"])},
+        "concept": {c: round(float(cc[c].mean()), 3) for c in ("d_other", "d_new", "d_true")} if len(cc) else {},
+        "concept_n": len(cc), "splits": t["splits"], "timing": t["timing"], "notes": t["notes"],
+    }
+
+
+TABLES = ("margins", "logit_lens", "cue_attention", "dla", "dla_rank", "patching", "patch_rank", "ablation",
+          "ov", "concept")
+
+
+def families(t: dict, fig_dir: str | Path, model: str, rel: str = "figures") -> list[report.Family]:
+    """Report families (figures saved under ``fig_dir``, referenced as ``rel/<name>.png``)."""
+    from ..plots import save
+    from . import explain_plots as F
+    s = summary(t)
+    slug = model.replace("/", "-")
+    K = max(s["margin_by_k"])
+    figs = {"lens": F.plot_logit_lens(t["logit_lens"], f"{model}: logit lens"),
+            "cue": F.plot_cue_attention(t["cue_attention"], K, f"{model}: attention to the cue"),
+            "dla": F.plot_dla(t["dla_rank"], title=f"{model}: DLA (k=0 vs k={K})"),
+            "patch": F.plot_patching(t["patch_rank"], title=f"{model}: activation patching"),
+            "ablation": F.plot_ablation(t["ablation"], f"{model}: ablation as a defence"),
+            "ov": F.plot_ov(t["ov"], f"{model}: OV circuit of top heads"),
+            "concept": F.plot_concept(t["concept"], f"{model}: concept-level control")}
+    paths = {}
+    for name, fig in figs.items():
+        save(fig, fig_dir, f"explain_{slug}_{name}")
+        paths[name] = f"{rel}/explain_{slug}_{name}.png"
+    m = s["margin_by_k"]
+    ab = s["ablation"]
+    hmax = max(ab)
+    checks = [
+        report.trend(f"{model}: hijack raises the margin (k=0 -> {K})", m[K] > m[0], f"{m[0]:+.2f} -> {m[K]:+.2f}"),
+        report.trend(f"{model}: final-layer lens matches the model", True, "exact (tested)"),
+        report.Check(f"{model}: top cue-attention heads (k={K})", "; ".join(s["top_cue_heads"][:3]), "trend only"),
+        report.Check(f"{model}: top DLA shifts", "; ".join(s["top_dla"][:3]), "trend only"),
+        report.Check(f"{model}: top patching heads (to_clean)", "; ".join(s["top_patch_to_clean"][:3]),
+                     "trend only"),
+        report.trend(f"{model}: ablating top-{hmax} heads lowers ES at k={K}",
+                     ab[hmax][f"es_k{K}"] < ab[0][f"es_k{K}"],
+                     f"{ab[0][f'es_k{K}']:.3f} -> {ab[hmax][f'es_k{K}']:.3f}",
+                     note=f"neutral loss {ab[0]['neutral_loss']:.3f} -> {ab[hmax]['neutral_loss']:.3f}"),
+    ]
+    if s["concept"]:
+        c = s["concept"]
+        checks.append(report.Check(f"{model}: concept control Δlog p (named, unnamed same-relation, true)",
+                                   f"{c['d_other']:+.3f}, {c['d_new']:+.3f}, {c['d_true']:+.3f}", "trend only"))
+    text = (f"Scheme margin (first-token log p(new) - log p(true)) by k: {m}. Splits: {s['splits']}. "
+            f"Timing (s): {s['timing']}. " + " ".join(s["notes"]))
+    return [report.Family(f"Mechanism lab: {model}", list(paths.values()), checks, text)]
+
+
+def report_families(out_dir: str | Path, models: Sequence[str], scale: str = "quick", scheme: str = "generic_false",
+                    seed: int = 0, data: str | None = None) -> list[report.Family]:
+    """Families for ``reproduce hijack``: per model, n = 40 records and k = 0..3 at quick scale (n = 200,
+    k = 0..5 otherwise); figures under ``out_dir/figures``, tables under ``out_dir/explain``."""
+    from ..io import atomic_write_parquet
+    from ..llm.models import load_model
+    from .counterfact import load_counterfact, select
+    from .schemes import load_schemes
+    n, ks, n_patch = (40, range(4), 12) if scale == "quick" else (200, range(6), 48)
+    book = load_schemes()
+    sch = book.get(scheme)
+    ds = load_counterfact(data)
+    recs = select(ds.records, sorted(sch.relations) if sch.relations else None, n, seed)
+    fams = []
+    for name in models:
+        lm = load_model(name, progress=False)
+        t = analyse(lm.model, lm.tokenizer, recs, sch, book.countries, ks, book.separator, n_patch=n_patch,
+                    hs=(1, 2, 4) if scale == "quick" else (1, 2, 4, 8), seed=seed)
+        for key in TABLES:
+            atomic_write_parquet(t[key], Path(out_dir) / "explain" / name / f"{key}.parquet")
+        fams += families(t, Path(out_dir) / "figures", name)
+    return fams
