@@ -108,9 +108,11 @@ def figure(curves: pd.DataFrame):
             c = c.sort_values("k")
             label = model + ("" if dtype in ("", "float32") else f" {dtype}") + ("" if rel == "all" else f" {rel}")
             color = colors[(model, dtype)]
-            ax.plot(c["k"], c["es"], marker="o", ms=3, color=color, label=f"{label} (n={int(c['n'].iloc[0])})")
-            ax.fill_between(c["k"], c["es_lo"], c["es_hi"], color=color, alpha=0.15, linewidth=0)
             hit = c[c["es"] >= 0.5]
+            k50 = f"{int(hit['k'].iloc[0])}" if len(hit) else f">{int(c['k'].max())}"
+            ax.plot(c["k"], c["es"], marker="o", ms=3, color=color,
+                    label=f"{label} (n={int(c['n'].iloc[0])}, k50={k50})")
+            ax.fill_between(c["k"], c["es_lo"], c["es_hi"], color=color, alpha=0.15, linewidth=0)
             if len(hit):
                 ax.plot([hit["k"].iloc[0]], [0.5], marker="v", ms=9, color=color, linestyle="none")
         ax.axhline(0.5, color="gray", lw=0.8, ls=":")
