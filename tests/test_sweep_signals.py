@@ -88,10 +88,11 @@ def started(tmp_path, seeds=60, jobs="2", min_runs=2):
     return proc, out, kids
 
 
-def test_sigkill_of_driver_takes_its_workers_along(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_driver_takes_its_workers_along(tmp_path, sig):
     proc, out, kids = started(tmp_path)
     assert len(kids) >= 2                        # two workers (and multiprocessing's resource tracker)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
     assert wait_for(lambda: not alive(kids), timeout=5.0), f"still alive 5 s later: {alive(kids)}"
     assert n_runs(out) < 60
@@ -122,6 +123,7 @@ def test_ctrl_c_stores_finished_runs_and_says_how_many(tmp_path, target, jobs):
     assert p.returncode == 0 and f"60 runs: {60 - stored} ran, {stored} already finished" in p.stdout
 
 
+@pytest.mark.slow
 def test_dead_worker_is_retried_and_the_sweep_goes_on(tmp_path):
     proc, out, kids = started(tmp_path, seeds=20, min_runs=1)
     workers = [k for k in alive(kids)
