@@ -136,7 +136,7 @@ class Lab:
     def trace(self, p: Prompt) -> Trace:
         m = self.model
         with hooks.capture(m, positions=-1) as c:
-            logits = m(self.ids(p.text)).logits[0, -1].float()
+            logits = m(self.ids(p.text), logits_to_keep=1).logits[0, -1].float()
         lp = torch.log_softmax(logits, -1)
         margin = float(lp[p.new_id] - lp[p.true_id])
         raw = c["logits_raw"][0, -1].float()

@@ -49,7 +49,7 @@ def patched_margins(lab: Lab, target: Prompt, source: Trace, comps: Sequence[tup
     _CACHE_KW = _cache_kw()
     m = lab.model
     ids = lab.ids(target.text)
-    pre = m(ids[:, :-1], use_cache=True).past_key_values
+    pre = m(ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
     src_z, src_res = source.z, source.resid
     out = []
     for c0 in range(0, len(comps), chunk):
@@ -77,7 +77,8 @@ def patched_margins(lab: Lab, target: Prompt, source: Trace, comps: Sequence[tup
         cache = copy.deepcopy(pre)
         cache.batch_repeat_interleave(len(part))
         with hooks.edit_heads(m, zfn), hooks.hooked(make):
-            logits = m(ids[:, -1:].expand(len(part), 1), **{_CACHE_KW: cache}, use_cache=True).logits[:, -1]
+            logits = m(ids[:, -1:].expand(len(part), 1), **{_CACHE_KW: cache}, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
         out.append((logits[:, target.new_id] - logits[:, target.true_id]).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -215,7 +216,8 @@ def concept_control(lab: Lab, records: Sequence[Record], pool: Sequence[Record],
         other = cands[int(rng.integers(len(cands)))]
         lps = []
         for k in (0, K):
-            logits = lab.model(lab.ids(hijack_prompt(template.format(other), r.text, k, sep))).logits[0, -1]
+            logits = lab.model(lab.ids(hijack_prompt(template.format(other), r.text, k, sep)),
+                                logits_to_keep=1).logits[0, -1]
             lps.append(torch.log_softmax(logits.float(), -1))
         d = lps[1] - lps[0]
         rows.append({"case_id": r.case_id, "relation_id": r.relation_id, "other": other,
