@@ -304,3 +304,19 @@ def test_chunks_are_record_slices_in_order(tiny_dir, data_file, tmp_path, capsys
     assert [c["records"] for c in e.done["chunks"]] == [3, 3, 1]
     assert [list(dict.fromkeys(c.case_id)) for c in chunks] == [order[:3], order[3:6], order[6:]]
     assert np.array_equal(pd.concat(chunks, ignore_index=True).to_numpy(), e.table().to_numpy())
+
+
+def test_damaged_chunk_is_scored_again(tiny_dir, data_file, tmp_path, capsys):
+    from assocmem.hijack.store import ScoreStore
+    argv = ["hijack", "score", "--model", tiny_dir, "--data", data_file, "--k", "0,1", "--chunk", "2",
+            "--out", tmp_path, "--json"]
+    rc, out, _ = cli(argv, capsys)
+    e = ScoreStore(tmp_path).entry(last_json(out)["id"])
+    before = e.table()
+    (e.path / "done.json").unlink()
+    (e.path / "table.parquet").unlink()
+    (e.path / "chunk-000001.parquet").write_bytes(b"not parquet")
+    assert e.stored_records() == 5                  # 7 records in chunks of 2; chunk 1 unreadable
+    rc, out, _ = cli(argv, capsys)
+    assert rc == 0 and last_json(out)["cached"] is False and e.check() == []
+    pd.testing.assert_frame_equal(e.table(), before)

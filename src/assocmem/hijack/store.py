@@ -231,10 +231,12 @@ class ScoreStore:
         starts = range(0, len(records), size)
         name = "chunk-{:06d}.parquet".format
         committed = {}
-        for i, _ in enumerate(starts):
+        for i, start in enumerate(starts):
             meta = _chunk_meta(e.path / name(i)) if (e.path / name(i)).exists() else None
-            if meta is not None:
-                committed[i] = meta
+            recs = records[start:start + size]
+            if meta is not None and (meta["records"], meta["first_case_id"], meta["last_case_id"]) == (
+                    len(recs), recs[0].case_id, recs[-1].case_id):
+                committed[i] = meta           # anything else (damaged, foreign) is scored again
         from tqdm.auto import tqdm
         bar = tqdm(total=len(records), initial=sum(m["records"] for m in committed.values()), unit="rec",
                    desc=desc, disable=not progress, smoothing=0.1)
