@@ -101,3 +101,29 @@ def test_analyse_and_report_families(kind, tmp_path):
     assert fams and all((tmp_path / f).exists() for f in fams[0].figures)
     s = R.summary(t)
     assert set(s["ablation"]) == {0, 1, 2}
+
+
+def test_cli_explain_writes_tables_figures_and_report(tmp_path):
+    import json
+
+    from assocmem.cli import main
+    m = tiny_model("llama")
+    tok = tiny_tokenizer(bos=True)
+    m.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(testing.records()))
+    out = tmp_path / "out"
+    rc = main(["hijack", "explain", "--model", str(tmp_path / "model"), "--data", str(data), "--n", "7",
+               "--k", "0..2", "--ablate", "1,2", "--n-patch", "2", "--neutral", "none", "--out", str(out), "--json"])
+    assert rc == 0
+    assert (out / "report.md").exists() and (out / "tables" / "dla.parquet").exists()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["splits"]["select"] + s["splits"]["eval"] == 7
+
+
+def test_cli_explain_bad_input_is_one_line_error(tmp_path, capsys):
+    from assocmem.cli import main
+    rc = main(["hijack", "explain", "--select-frac", "1.5", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "select-frac" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="explain", help="output folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_cmd_explain)
+    p.set_defaults(fn=_cmd_explain)
 
 
 def _load(args):

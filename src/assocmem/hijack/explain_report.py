@@ -97,7 +97,8 @@ def summary(t: dict) -> dict:
     ab = t["ablation"]
     abK = ab[ab["k"] == K].set_index("h")
     ab0 = ab[ab["k"] == 0].set_index("h")
-    ov = t["ov"].groupby(["layer", "head"])[["rank_self", "rank_relation"]].median().reset_index()
+    ov = (t["ov"].groupby(["layer", "head"])[["rank_self", "rank_relation"]].median().reset_index() if len(t["ov"])
+          else pd.DataFrame(columns=["layer", "head", "rank_self", "rank_relation"]))
     cc = t["concept"]
     return {
         "margin_by_k": {int(k): round(float(v), 3) for k, v in m.items()},
@@ -139,8 +140,11 @@ def families(t: dict, fig_dir: str | Path, model: str, rel: str = "figures") -> 
             "dla": F.plot_dla(t["dla_rank"], title=f"{model}: DLA (k=0 vs k={K})"),
             "patch": F.plot_patching(t["patch_rank"], title=f"{model}: activation patching"),
             "ablation": F.plot_ablation(t["ablation"], f"{model}: ablation as a defence"),
-            "ov": F.plot_ov(t["ov"], f"{model}: OV circuit of top heads"),
-            "concept": F.plot_concept(t["concept"], f"{model}: concept-level control")}
+            }
+    if len(t["ov"]):
+        figs["ov"] = F.plot_ov(t["ov"], f"{model}: OV circuit of top heads")
+    if len(t["concept"]):
+        figs["concept"] = F.plot_concept(t["concept"], f"{model}: concept-level control")
     paths = {}
     for name, fig in figs.items():
         save(fig, fig_dir, f"explain_{slug}_{name}")
