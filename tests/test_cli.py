@@ -177,3 +177,26 @@ def test_reproduce_passes_the_backend_explicitly(tmp_path, monkeypatch, capsys):
     assert not hasattr(sweep, "override_backend")
     assert cli.main(["reproduce", "a", "--out", str(tmp_path)]) == 0
     assert seen["with"] == (None, None)                          # local: the experiment builds its own
+
+
+def test_reproduce_hijack_takes_the_model_options(tmp_path, monkeypatch, capsys):
+    """``assocmem reproduce hijack --models ... --device ... --dtype ... --n 0`` reaches the experiment
+    exactly as ``assocmem hijack reproduce`` does; bad values exit 2 before any work."""
+    import assocmem.experiments.hijack as exp
+    seen = []
+
+    class Section:
+        def tally(self):
+            return "ok"
+
+    monkeypatch.setattr(exp, "reproduce", lambda out_dir, scale, jobs, force, **kw: seen.append(kw) or Section())
+    argv = ["--models", "gpt2,google/gemma-2b", "--device", "cpu", "--dtype", "bfloat16", "--n", "0",
+            "--k", "0,2", "--batch-tokens", "512", "--out", str(tmp_path)]
+    assert main(["reproduce", "hijack", *argv]) == 0
+    assert main(["hijack", "reproduce", *argv]) == 0
+    assert seen[0] == seen[1] == {"n": 0, "models": ["gpt2", "google/gemma-2b"], "ks": [0, 2], "chunk": None,
+                                  "batch_tokens": 512, "device": "cpu", "dtype": "bfloat16", "device_map": None,
+                                  "revision": None, "attn_implementation": None}
+    capsys.readouterr()
+    assert main(["reproduce", "hijack", "--n", "-1", "--out", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and len(seen) == 2

@@ -6,7 +6,7 @@ import json
 import pytest
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow   # ~20 s CPU: 13 figures (PNG + PDF) three times, CounterFact parsed three times
+pytestmark = pytest.mark.slow   # 13+ figures (PNG + PDF) three times, CounterFact parsed three times, two lab runs
 
 
 def test_reproduce_with_tiny_model(shared_data, tmp_path, monkeypatch):
@@ -39,12 +39,22 @@ def test_reproduce_with_tiny_model(shared_data, tmp_path, monkeypatch):
     assert checks["gemma3-270m: not installed"].verdict == "missing"
     assert any(name.startswith("smollm2-135m: sub_false_accs") for name in checks)
     assert calls == [("smollm2-135m", "auto", "float32")]
+    # the mechanism lab at quick scale: a stored entry, its figures, and a lens check that is measured
+    lab = {f.title: f for f in section.families}["Mechanism lab: smollm2-135m"]
+    assert lab.figures and all((out / f).exists() for f in lab.figures)
+    assert {c.name: c for c in lab.checks}["smollm2-135m: final-layer lens equals the model's margin"].verdict \
+        == "trend holds"
+    explained = sorted((out / "explain").glob("smollm2-135m-*/done.json"))
+    assert len(explained) == 1
 
     # same data: every curve is reused (the model is loaded once, for its identity and the demo)
     calls.clear()
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("table.parquet")}
+    mtimes_lab = explained[0].stat().st_mtime_ns
     exp.reproduce(out, n=3, ks=[0, 1, 2], dtype="float32")
     assert len(calls) == 1 and {e.id for e in ScoreStore(out).entries()} == set(first)
+    assert sorted((out / "explain").glob("smollm2-135m-*/done.json")) == explained
+    assert explained[0].stat().st_mtime_ns == mtimes_lab
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("table.parquet")} == mtimes
 
     # another data file (same records, two targets changed): new entries, old ones untouched
@@ -63,3 +73,4 @@ def test_reproduce_with_tiny_model(shared_data, tmp_path, monkeypatch):
                if e.spec["scheme"] == "generic_false")
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("table.parquet") if p in mtimes} == mtimes
     assert "cf-other.json" in (out / "report.md").read_text()
+    assert len(list((out / "explain").glob("smollm2-135m-*/done.json"))) == 2    # new data: explained again

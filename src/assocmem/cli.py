@@ -4,6 +4,7 @@
     assocmem sweep GRID.yaml [key=value ...] [--out DIR] [--jobs N] [--backend local] [--force]
     assocmem runs [--out DIR] [--task TASK] [--check]
     assocmem reproduce {elephants,hijack,geometric,induction,all} [--scale quick|paper] [--out DIR] [--jobs N]
+              [--models M1,M2 --device D --dtype T --n N ...]   (hijack options; see ``--help``)
     assocmem hijack {score,demo} ...
 
 Invalid input exits with status 2 and one line naming the key and the allowed values. ``--jobs N``
@@ -135,6 +136,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     backend = None if args.backend == "local" else \
         make_backend(args.backend, jobs=args.jobs, address=args.address)
     names = list(REPRODUCTIONS) if args.paper == "all" else [args.paper]
+    from .hijack.cli import reproduce_kwargs
+    hijack_kwargs = reproduce_kwargs(args) if "hijack" in names else {}
     out = Path(_out(args.out))
     entries = []
     for name in names:
@@ -143,7 +146,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         sub = out / name if args.paper == "all" else out
         t0 = time.perf_counter()
         params = inspect.signature(reproduce).parameters
-        extra = {"n": args.n} if args.n is not None and "n" in params else {}
+        extra = dict(hijack_kwargs) if name == "hijack" else {}
         if backend is not None and "backend" in params:     # hijack trains nothing: no backend
             extra["backend"] = backend
         section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force, **extra)
@@ -194,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=None,
                     help="worker processes, 1 = in-process (default: the experiment's choice; elephants: one per core)")
     rp.add_argument("--force", action="store_true", help="retrain even finished runs")
-    rp.add_argument("--n", type=int, help="hijack: CounterFact records per curve (default per scale)")
+    from .hijack.cli import reproduce_options
+    reproduce_options(rp)
     rp.add_argument("--backend", default="local", help="execution backend for training runs: local or ray")
     rp.add_argument("--address", help="ray: cluster address (default: RAY_ADDRESS or a local instance)")
     rp.set_defaults(fn=_cmd_reproduce)

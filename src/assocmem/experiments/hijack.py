@@ -153,15 +153,20 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
               models: Sequence[str] | None = None, ks: Sequence[int] | None = None, device: str = "auto",
               dtype: str = "auto", device_map: str | None = None, revision: str | None = None,
               attn_implementation: str | None = None, chunk: int | None = None,
-              batch_tokens: int | None = None) -> report.Section:
+              batch_tokens: int | None = None, explain: bool = True) -> report.Section:
     """Score every curve for each model (``jobs`` is unused: one process scores one model at a time).
 
     ``n``: records per curve (None: ``$ASSOCMEM_HIJACK_N`` or the scale's default; 0: all records).
-    ``models``: bundled names, hub ids or local folders; ``device``/``dtype``/... go to ``load_model``."""
+    ``models``: bundled names, hub ids or local folders; ``device``/``dtype``/... go to ``load_model``.
+    ``explain``: add the mechanism lab (:func:`assocmem.hijack.explain_report.explain_stored`, sized by
+    ``scale``) for each model."""
     from .. import io
+    from ..config import ConfigError
     from ..hijack.counterfact import load_counterfact
     from ..hijack.demo import EIFFEL_CONTEXT, EIFFEL_PROMPT, top_next_tokens
     from ..hijack.evaluate import summarize
+    from ..hijack.explain_report import explain_stored
+    from ..hijack.explain_report import families as explain_families
     from ..hijack.schemes import load_schemes
     from ..hijack.store import ScoreStore
     from ..llm.models import load_model
@@ -180,6 +185,8 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
     log: dict = {"models": {}, "wall": {}, "skipped": {}, "entries": {}}
     results: dict[str, dict[str, pd.DataFrame]] = {}
     demos: dict[str, list[dict]] = {}
+    explained: dict[str, dict] = {}
+    unexplained: dict[str, str] = {}
     missing = [m for m in models if not _available(m)]
     for name in models:
         if name in missing:
@@ -190,6 +197,15 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
         tables = _score_model(lm, store, ds, data_sha, book, ks, n_sel, force, log, chunk, batch_tokens)
         results[name] = {key: summarize(df, "es", seed=SEED) for key, df in tables.items()}
         demos[name] = [top_next_tokens(lm.model, lm.tokenizer, EIFFEL_PROMPT, c) for c in (None, EIFFEL_CONTEXT)]
+        if explain:
+            t0 = time.perf_counter()
+            try:
+                explained[name], entry, _ = explain_stored(lm, out, ds, book, scale, seed=SEED,
+                                                           data_sha256=data_sha, force=force)
+                log["entries"][f"{name} explain"] = entry.name
+            except ConfigError as e:         # an architecture the hooks do not know: scores still stand
+                unexplained[name] = str(e)
+            log["wall"][f"{name} explain"] = round(time.perf_counter() - t0, 1)
         del lm
 
     figdir = out / "figures"
@@ -220,6 +236,11 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
         from ..llm.models import BUNDLED
         families[0].checks.append(report.Check(f"{name}: not installed", None, "missing",
                                                note=BUNDLED[name].install))
+    for name, t in explained.items():
+        families += explain_families(t, figdir, name)
+    if unexplained:
+        families.append(report.Family("Mechanism lab", checks=[
+            report.Check(f"{name}: mechanism lab", None, "missing", note=why) for name, why in unexplained.items()]))
     families.append(report.Family("Appendix: one CounterFact example per relation", text=_example_table(ds.records)))
     rows = [{"model": m, "curve": k, **r} for m, res in results.items() for k, s in res.items()
             for r in s.to_dict("records")]

@@ -167,17 +167,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reproduce(args: argparse.Namespace) -> int:
+def reproduce_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for :func:`assocmem.experiments.hijack.reproduce` from the options that
+    :func:`reproduce_options` added (checked; ``torch`` threads set when asked)."""
     _positive(args, "threads", "chunk", "batch_tokens")
     _positive(args, "n", minimum=0)
-    ks = parse_ks(args.k) if args.k else None
-    from ..experiments.hijack import reproduce
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    section = reproduce(Path(args.out), scale=args.scale, jobs=1, force=args.force, n=args.n,
-                        models=_csv(args.models), ks=ks, chunk=args.chunk, batch_tokens=args.batch_tokens,
-                        **_model_kwargs(args))
+    return {"n": args.n, "models": _csv(args.models), "ks": parse_ks(args.k) if args.k else None,
+            "chunk": args.chunk, "batch_tokens": args.batch_tokens, **_model_kwargs(args)}
+
+
+def reproduce_options(p: argparse.ArgumentParser) -> None:
+    """Options of the hijack reproduction, shared by ``assocmem reproduce`` and ``assocmem hijack reproduce``."""
+    p.add_argument("--n", type=int, help="hijack: CounterFact records per curve (default per scale; 0 = all)")
+    p.add_argument("--models", help="hijack: comma list of bundled names, hub ids or local folders "
+                                    "(default: smollm2-135m,gemma3-270m)")
+    p.add_argument("--k", help="hijack: prepend counts (default 0..10)")
+    _model_options(p)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    kwargs = reproduce_kwargs(args)
+    from ..experiments.hijack import reproduce
+    section = reproduce(Path(args.out), scale=args.scale, jobs=1, force=args.force, **kwargs)
     print(f"hijack: {section.tally()} -> {Path(args.out) / 'report.html'}")
     return 0
 
@@ -233,11 +247,7 @@ def add_parser(subparsers) -> None:
     d.set_defaults(fn=_cmd_demo)
 
     r = sub.add_parser("reproduce", help="the paper's ES-vs-prepends figures (bundled models or any others)")
-    r.add_argument("--n", type=int, help="records per curve (default: sized for ~20 min on 2 cores; 0 = all)")
-    r.add_argument("--models", help="comma list of bundled names, hub ids or local folders "
-                                    "(default: smollm2-135m,gemma3-270m)")
-    _model_options(r)
-    r.add_argument("--k", help="prepend counts (default 0..10)")
+    reproduce_options(r)
     r.add_argument("--scale", choices=["quick", "paper"], default="quick")
     r.add_argument("--out", default="reproduction/hijack")
     r.add_argument("--force", action="store_true", help="rescore even stored curves")

@@ -23,20 +23,6 @@ from .schemes import hijack_prompt
 SLACK = 8   # special tokens (BOS, a SentencePiece dummy prefix, ...) a tokenizer may add to a string
 
 
-def context_limit(model) -> int | None:
-    """Largest number of positions ``model`` can score (:func:`assocmem.llm.models.context_limit`)."""
-    from ..llm import models
-    fn = getattr(models, "context_limit", None)
-    if fn is not None:
-        return fn(model)
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def record_prompts(rec: Record, paraphrase: bool = False, neighborhood: bool = False) -> list[str]:
     """The prompts a record is scored on (rewrite, then paraphrases, then neighbourhood prompts)."""
     return ([rec.text] + (list(rec.paraphrase_prompts) if paraphrase else [])

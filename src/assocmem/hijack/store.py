@@ -44,19 +44,8 @@ _META_KEY = b"assocmem"
 
 
 def scorer_version() -> str:
-    from ..llm import scoring
-    return str(getattr(scoring, "SCORER_VERSION", "1"))
-
-
-def model_identity(lm) -> dict[str, str]:
-    """{model, revision, dtype} of a loaded model (:func:`assocmem.llm.models.model_identity`)."""
-    from ..llm import models
-    fn = getattr(models, "model_identity", None)
-    if fn is not None:
-        return fn(lm)
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    return {"model": lm.meta.get("model", lm.name), "revision": str(lm.meta.get("revision")),
-            "dtype": lm.meta.get("dtype", dtype)}
+    from ..llm.scoring import SCORER_VERSION
+    return SCORER_VERSION
 
 
 def records_sha256(records: Sequence[Record]) -> str:
@@ -78,6 +67,7 @@ def score_spec(lm, scheme: Scheme, countries: Mapping[str, str], records: Sequen
                method: str = "fast", skip_too_long: bool = False, relation: Sequence[str] | None = None,
                n: int | None = None, data_sha256: str | None = None) -> dict[str, Any]:
     """The spec of a scoring run: the key fields plus descriptive ones (model meta, data path, n)."""
+    from ..llm.models import model_identity
     ident = model_identity(lm)
     return {**ident, "model_meta": lm.meta, "scheme": scheme.name,
             "template": scheme.template if scheme.template is not None else dict(scheme.relations),
@@ -290,7 +280,8 @@ def score_to_store(store: ScoreStore, lm, records: Sequence[Record], scheme: Sch
     Returns (entry, scored_now). Raises ConfigError naming a record and k whose prompt exceeds the
     model's context unless ``skip_too_long`` (then such (record, k) pairs are skipped and counted)."""
     from . import schemes
-    from .lengths import check_lengths, context_limit
+    from ..llm.models import context_limit
+    from .lengths import check_lengths
     spec = score_spec(lm, scheme, countries, records, ks, data=data, separator=separator, seed=seed,
                       paraphrase=paraphrase, neighborhood=neighborhood, method=method,
                       skip_too_long=skip_too_long, relation=relation, data_sha256=data_sha256)
