@@ -200,3 +200,16 @@ def test_reproduce_hijack_takes_the_model_options(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     assert main(["reproduce", "hijack", "--n", "-1", "--out", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and len(seen) == 2
+
+
+def test_listing_into_a_closed_pipe_is_quiet(tmp_path):
+    """``assocmem runs | head -1``: no traceback when the reader leaves early."""
+    for seed in range(3):
+        assert main(["run", "lca", f"seed={seed}", "optim.steps=2", "--out", str(tmp_path), "--json"]) == 0
+    r, w = os.pipe()
+    os.close(r)                          # the reader is gone before we write
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-m", "assocmem.cli", "runs", "--out", str(tmp_path)], stdout=w,
+                       stderr=subprocess.PIPE, text=True, env=env)
+    os.close(w)
+    assert p.returncode == 141 and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr

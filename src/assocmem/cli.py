@@ -18,6 +18,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -212,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()               # a closed pipe shows here, not as a traceback at exit
+        return rc
     except ConfigError as e:
         print(f"assocmem: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:       # sweep.Interrupted says how many runs it stored
         print(f"assocmem: {e}" if str(e) else "assocmem: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:              # e.g. `assocmem runs | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":
