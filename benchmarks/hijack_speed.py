@@ -27,8 +27,9 @@ import platform
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
+
+from assocmem.hijack.cli import selected, selection_options
 
 
 # ------------------------------------------------------------------------------ padded-batch baseline
@@ -183,10 +184,7 @@ def report(res: dict, label: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--scheme", default="generic_false")
-    ap.add_argument("--n", type=int, default=20, help="records")
-    ap.add_argument("--k", default="0..10")
-    ap.add_argument("--seed", type=int, default=0)
+    selection_options(ap, n=20, k="0..10")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of fast and padded each (best kept)")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the slow plain loop")
@@ -194,20 +192,14 @@ def main(argv=None) -> int:
                     help="padded baseline without the attention mask (right padding needs none for causal LMs)")
     ap.add_argument("--batch-tokens", type=int, help="fast scorer's budget per forward (default: its own)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--data", help="CounterFact file (default: shared rebuilt file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from assocmem.hijack.cli import parse_ks
-    from assocmem.hijack.counterfact import load_counterfact, select
     from assocmem.hijack.evaluate import build_requests
-    from assocmem.hijack.schemes import load_schemes
     from assocmem.llm.models import load_model
 
-    ks = parse_ks(args.k)
-    book = load_schemes()
-    records = select(load_counterfact(args.data).records, None, args.n, args.seed)
-    reqs, _, _ = build_requests(records, book.get(args.scheme), ks, book.countries, book.separator)
+    ks, book, scheme, records = selected(args)
+    reqs, _, _ = build_requests(records, scheme, ks, book.countries, book.separator)
     lm = load_model(args.model, device="cpu", dtype=args.dtype, progress=False)
     params, body = lm.n_params, body_params(lm.model)
     load0 = os.getloadavg()[0]

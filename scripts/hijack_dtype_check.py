@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from assocmem.hijack.cli import selected, selection_options
+
 
 def compare(fp32, bf16, names=("float32", "bfloat16")) -> dict:
     """fp32, bf16: per-record tables (hijack.evaluate.score_records) of the same records and ks, scored in
@@ -51,28 +53,18 @@ def _write(path: str, result: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--n", type=int, default=300, help="records (seeded subsample)")
-    ap.add_argument("--k", default="0..5")
-    ap.add_argument("--scheme", default="generic_false")
-    ap.add_argument("--seed", type=int, default=0)
+    selection_options(ap, n=300, k="0..5")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="reference first, then the one checked")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--data", help="CounterFact file (default: the shared rebuilt file)")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from assocmem.hijack.cli import parse_ks
-    from assocmem.hijack.counterfact import load_counterfact, select
     from assocmem.hijack.evaluate import score_records
-    from assocmem.hijack.schemes import load_schemes
     from assocmem.llm.models import load_model
 
-    ks = parse_ks(args.k)
-    book = load_schemes()
-    scheme = book.get(args.scheme)
-    records = select(load_counterfact(args.data).records, None, args.n, args.seed)
+    ks, book, scheme, records = selected(args)
     ref, alt = [d.strip() for d in args.dtypes.split(",")]
     result = {"scheme": args.scheme, "n": len(records), "seed": args.seed, "k": args.k, "device": args.device,
               "threads": args.threads, "dtypes": [ref, alt], "models": {}}

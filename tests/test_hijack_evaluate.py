@@ -92,23 +92,6 @@ def test_bootstrap_ci_sanity():
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from assocmem.llm.testing import tiny_model, tiny_tokenizer
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer(bos=True).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    from assocmem.hijack.testing import records
-    p = tmp_path_factory.mktemp("cf") / "cf.json"
-    p.write_text(json.dumps(records()))
-    return p
-
-
 def run_cli(argv, capsys):
     from assocmem.cli import main
     rc = main(argv)

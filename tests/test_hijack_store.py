@@ -17,15 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from assocmem.llm.testing import tiny_model, tiny_tokenizer
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer(bos=True).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def short_dir(tmp_path_factory):
     """A GPT-2-style tiny model that can score only 48 positions."""
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -36,13 +27,6 @@ def short_dir(tmp_path_factory):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("cf") / "cf.json"
-    p.write_text(json.dumps(records()))
-    return p
 
 
 def cli(argv, capsys):

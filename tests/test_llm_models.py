@@ -62,43 +62,35 @@ def test_context_limit():
     assert context_limit(torch.nn.Linear(2, 2)) is None
 
 
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer(bos=True).save_pretrained(path)
-    return path
-
-
-def test_local_folder_meta_and_digest(local_dir, tmp_path):
-    lm = load_model(str(local_dir), progress=False)
+def test_local_folder_meta_and_digest(tiny_dir, tmp_path):
+    lm = load_model(str(tiny_dir), progress=False)
     m = lm.meta
     assert m["dtype"] == "float32" and m["device"] == "cpu" and lm.model.dtype == torch.float32
     assert not lm.model.training and m["bos"] == "<s>" and m["padding_side"] == "right"
     assert set(m["versions"]) == {"torch", "transformers"} and m["device_map"] is None
-    assert m["revision"].startswith("local-sha256:") and m["loaded_from"] == str(local_dir)
-    assert model_identity(lm) == {"model": str(local_dir), "revision": m["revision"], "dtype": "float32"}
-    again = load_model(str(local_dir), progress=False)
+    assert m["revision"].startswith("local-sha256:") and m["loaded_from"] == str(tiny_dir)
+    assert model_identity(lm) == {"model": str(tiny_dir), "revision": m["revision"], "dtype": "float32"}
+    again = load_model(str(tiny_dir), progress=False)
     assert again.meta["revision"] == m["revision"]
     # the digest follows the config contents
     import shutil
     other = tmp_path / "copy"
-    shutil.copytree(local_dir, other)
+    shutil.copytree(tiny_dir, other)
     cfg = (other / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
     (other / "config.json").write_text(cfg)
-    assert files.local_digest(other) != files.local_digest(local_dir)
+    assert files.local_digest(other) != files.local_digest(tiny_dir)
 
 
-def test_local_folder_bf16_and_eager(local_dir):
-    lm = load_model(str(local_dir), dtype="bfloat16", attn_implementation="eager", progress=False)
+def test_local_folder_bf16_and_eager(tiny_dir):
+    lm = load_model(str(tiny_dir), dtype="bfloat16", attn_implementation="eager", progress=False)
     assert lm.model.dtype == torch.bfloat16 and lm.meta["dtype"] == "bfloat16"
     assert lm.meta["attn_implementation"] == "eager"
     with pytest.raises(ConfigError, match="revision"):
-        load_model(str(local_dir), revision="main")
+        load_model(str(tiny_dir), revision="main")
 
 
-def test_config_only_folder_is_one_line(local_dir, tmp_path):
-    (tmp_path / "config.json").write_text((local_dir / "config.json").read_text())
+def test_config_only_folder_is_one_line(tiny_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
     with pytest.raises(ConfigError, match="no weights or tokenizer") as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value)

@@ -167,6 +167,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def selection_options(p: argparse.ArgumentParser, n: int, k: str) -> None:
+    """--scheme --n --k --seed --data: the records and prompts a script scores (benchmarks, checks)."""
+    p.add_argument("--scheme", default="generic_false")
+    p.add_argument("--n", type=int, default=n, help="records (seeded subsample)")
+    p.add_argument("--k", default=k)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="CounterFact file (default: the shared rebuilt file)")
+
+
+def selected(args: argparse.Namespace):
+    """(ks, schemes book, scheme, records) for :func:`selection_options`'s arguments."""
+    from .counterfact import load_counterfact, select
+    from .schemes import load_schemes
+    book = load_schemes()
+    return parse_ks(args.k), book, book.get(args.scheme), select(load_counterfact(args.data).records, None,
+                                                                 args.n, args.seed)
+
+
 def reproduce_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for :func:`assocmem.experiments.hijack.reproduce` from the options that
     :func:`reproduce_options` added (checked; ``torch`` threads set when asked)."""
