@@ -10,7 +10,6 @@ functions as `assocmem reproduce induction` (experiments.induction_ws.hijack_fam
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 
 import torch
@@ -39,7 +38,7 @@ def main() -> None:
             continue
         path = cfg.task.data_path
         st = stats.setdefault(path, load_stats(path))
-        sc = dataclasses.replace(ind.SCALES["quick"], T=cfg.task.T)
+        sc = ind.SCALES["quick"].replace(T=cfg.task.T)
         with tempfile.TemporaryDirectory() as figs:
             fam, hj = ws.hijack_family(st, {cfg.model.pos: load_model(cfg, store.load_weights(rid))}, sc, figs)
         t = hj[hj.model.str.startswith("trained")]

@@ -154,9 +154,10 @@ def test_reproduce_passes_the_backend_explicitly(tmp_path, monkeypatch, capsys):
     import assocmem.sweep as sweep
     seen = {}
 
-    class Section:
-        def tally(self):
-            return "ok"
+    from assocmem.findings import Section as RealSection
+
+    def Section():
+        return RealSection("fake", "Fake")
 
     def with_backend(out_dir, scale, jobs, force, backend=None):
         seen["with"] = (jobs, backend)
@@ -185,11 +186,12 @@ def test_reproduce_hijack_takes_the_model_options(tmp_path, monkeypatch, capsys)
     import assocmem.experiments.hijack as exp
     seen = []
 
-    class Section:
-        def tally(self):
-            return "ok"
+    from assocmem.findings import Section as RealSection
 
-    monkeypatch.setattr(exp, "reproduce", lambda out_dir, scale, jobs, force, **kw: seen.append(kw) or Section())
+    def Section():
+        return RealSection("fake", "Fake")
+
+    monkeypatch.setattr(exp, "reproduce", lambda out_dir, scale, force, **kw: seen.append(kw) or Section())
     argv = ["--models", "gpt2,google/gemma-2b", "--device", "cpu", "--dtype", "bfloat16", "--n", "0",
             "--k", "0,2", "--batch-tokens", "512", "--out", str(tmp_path)]
     assert main(["reproduce", "hijack", *argv]) == 0

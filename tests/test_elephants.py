@@ -1,15 +1,14 @@
 """LCA plotting functions on tiny DataFrames, and the elephants report builder end to end on a tiny
 fake grid (a few training steps on m = 3, 4)."""
-import dataclasses
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from assocmem import report
-from assocmem.analysis import lca_plots as P
-from assocmem.experiments import elephants as E
+from assocmem import findings, report
+from assocmem.experiments import lca_plots
+from assocmem.experiments import lca as E
 from assocmem.plots import save
 
 
@@ -19,25 +18,31 @@ def _summary(x, series, xs, names):
 
 
 CASES = {
-    "wv_bar": (lambda: P.wv_bar(_summary("m", "variant", [5, 6], ["Identity Wv", "Trained Wv"])),
+    "wv_bar": (lambda: lca_plots.wv_bar(_summary("m", "variant", [5, 6], ["Identity Wv", "Trained Wv"])),
                "Number of Latent Concepts", "Accuracy"),
-    "confusion_bar": (lambda: P.confusion_bar(_summary("r", "target", [0.0, 0.5, 1.0], ["Target True", "Target False"])),
+    "confusion_bar": (lambda: lca_plots.confusion_bar(_summary("r", "target", [0.0, 0.5, 1.0], ["Target True", "Target False"])),
                       "Mixing Rate", "Accuracy"),
-    "hamming_inner": (lambda: P.hamming_inner(_summary("distance", "d", [0, 1, 2], [16, 32])),
+    "hamming_inner": (lambda: lca_plots.hamming_inner(_summary("distance", "d", [0, 1, 2], [16, 32])),
                       "Hamming Distance", "Average Inner Product"),
-    "wv_replace": (lambda: P.wv_replace(_summary("d", "series", [16, 32], ["Original", "Constructed Wv", "Random Wv"])),
+    "wv_replace": (lambda: lca_plots.wv_replace(_summary("d", "series", [16, 32], ["Original", "Constructed Wv", "Random Wv"])),
                    "Dimensions", "Accuracy"),
-    "wv_angle": (lambda: P.wv_angle(_summary("d", "series", [16, 32], ["Constructed Wv", "Random Wv", "Gaussian Wv"])),
+    "wv_angle": (lambda: lca_plots.wv_angle(_summary("d", "series", [16, 32], ["Constructed Wv", "Random Wv", "Gaussian Wv"])),
                  "Dimensions", "Average Smallest Principal Angle"),
-    "dim": (lambda: P.dim(_summary("d", "series", [16, 32, 64], ["Frozen Embeddings", "Trained Embeddings"]), 5),
+    "dim": (lambda: lca_plots.dim(_summary("d", "series", [16, 32, 64], ["Frozen Embeddings", "Trained Embeddings"]), 5),
             "Dimensions", "Accuracy"),
-    "spectrum": (lambda: P.spectrum(pd.DataFrame({"index": np.arange(5), "value": [5, 4, 3, 0.1, 0.05]})),
+    "spectrum": (lambda: lca_plots.spectrum(pd.DataFrame({"index": np.arange(5), "value": [5, 4, 3, 0.1, 0.05]})),
                  "Index", "Singular Value"),
-    "length": (lambda: P.length(_summary("L", "d", [8, 16], [16, 32]),
+    "length": (lambda: lca_plots.length(_summary("L", "d", [8, 16], [16, 32]),
                                 pd.DataFrame({"L": [8, 16], "accuracy": [0.3, 0.5]})),
                "Context Lengths", "Accuracy"),
-    "heat_map": (lambda: P.heat_map(pd.DataFrame(np.full((4, 4), 0.25))), "Key Tokens", "Query Tokens"),
+    "heat_map": (lambda: lca_plots.heat_map(pd.DataFrame(np.full((4, 4), 0.25))), "Key Tokens", "Query Tokens"),
 }
+
+
+# a file name each plotting function declares (plots.figure)
+FILE_NAMES = {"wv_bar": "Wv_bar_l64", "confusion_bar": "confusion_bar_l5", "hamming_inner": "hamming_inner_n5",
+              "wv_replace": "wv_replace_dim_n5", "wv_angle": "wv_angle_dim_n5", "dim": "dim_n5",
+              "spectrum": "spectrum_n5_d32_e0", "length": "length_n5", "heat_map": "heat_map_n5_c2"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -52,7 +57,7 @@ def test_plot_functions_write_labelled_figures(name, tmp_path):
         assert ax.get_xscale() == "log"
     if name == "dim":
         assert any(line.get_linestyle() == "--" for line in ax.get_lines())   # d = 2^m marker
-    paths = save(fig, tmp_path, name)
+    paths = save(fig, tmp_path, FILE_NAMES[name])
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
 
 
@@ -79,12 +84,14 @@ def test_paper_grid_settings():
 
 @pytest.mark.slow
 def test_report_builder_on_a_tiny_grid(tmp_path, monkeypatch):
-    tiny = E.Scale(ms=(3, 4), dims=(4, 8, 16), length_dims=(4,), lengths=(8, 16),
-                   seeds={"standard": 2, "dim": 2, "cluster": 2, "length": 2, "low_dim": 2},
-                   big_d=8, big_L=16, n_eval=128, n_mix=64, n_ref=128, steps=3)
+    tiny = E.SCALES["quick"].replace(
+        "tiny", ms=(3, 4), dims=(4, 8, 16), length_dims=(4,), lengths=(8, 16),
+        seeds={"standard": 2, "dim": 2, "cluster": 2, "length": 2, "low_dim": 2},
+        big_d=8, big_L=16, n_eval=128, n_mix=64, n_ref=128, steps=3)
     monkeypatch.setitem(E.SCALES, "tiny", tiny)
     sec = E.reproduce(tmp_path, scale="tiny", jobs=1)
-    assert isinstance(sec, report.Section) and sec.families
+    assert isinstance(sec, findings.Section) and sec.families
+    report.write_report(sec, tmp_path)
     md = (tmp_path / "report.md").read_text()
     html = (tmp_path / "report.html").read_text()
     # every figure family drawn, and every figure the report references exists
@@ -95,10 +102,10 @@ def test_report_builder_on_a_tiny_grid(tmp_path, monkeypatch):
         assert (tmp_path / ref).exists(), ref
     # every table row has a verdict
     checks = sec.checks()
-    assert checks and all(c.verdict in report.VERDICTS for c in checks)
+    assert checks and all(c.verdict in findings.VERDICTS for c in checks)
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| check")]
     assert len(rows) == len(checks)
-    assert all(any(f"| {v} |" in ln for v in report.VERDICTS) for ln in rows)
+    assert all(any(f"| {v} |" in ln for v in findings.VERDICTS) for ln in rows)
     assert "total_wall_s" in md and "Run metadata" in md
     # a second call reuses every stored run
     sec2 = E.reproduce(tmp_path, scale="tiny", jobs=1, families=["wv_bar"])
@@ -109,4 +116,3 @@ def test_scale_names():
     assert set(E.SCALES) >= {"quick", "paper"}
     with pytest.raises(ValueError):
         E.reproduce("/nonexistent", scale="huge")
-    assert dataclasses.is_dataclass(E.SCALES["quick"])

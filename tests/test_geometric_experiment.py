@@ -30,7 +30,7 @@ def test_bisect_finds_monotone_threshold(tmp_path):
 
 def test_plots_return_figures(tmp_path):
     df = pd.DataFrame({"N": [64, 128, 64, 128], "R": [2, 2, 4, 4], "dstar": [4, 6, 8, 12]})
-    paths = ge.plots.save(gp.dstar_vs_logN(df, 0.5, 0.0), tmp_path, "x")
+    paths = ge.plots.save(gp.dstar_vs_logN(df, 0.5, 0.0), tmp_path, "geo_e1_dstar")
     assert all(p.exists() for p in paths)
 
 

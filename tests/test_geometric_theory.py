@@ -66,7 +66,7 @@ def test_noise_format_places_subject_and_relation():
 
 
 def _acc(W, data, dtype=torch.float32):
-    return th.evaluate(StackedTransformer.from_weights(W, dtype=dtype), data)
+    return th.recall_metrics(StackedTransformer.from_weights(W, dtype=dtype), data)
 
 
 @pytest.mark.parametrize("N", [256, 1024, 4096])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from assocmem.config import ConfigError
-from assocmem.hijack.evaluate import bootstrap_ci, per_record, summarize, tie_rate
+from assocmem.hijack.evaluate import bootstrap_ci, per_record, metric_curve, tie_rate
 
 
 def table(rows):
@@ -24,14 +24,14 @@ def test_es_is_strict_mean_over_records_and_ps_averages_within_record():
         (2, 0, "paraphrase", 1.0, 2.0, 0, 0),                                          # record 2: 1
     ])
     assert per_record(df, "es")[0].tolist() == [1.0, 0.0, 0.0]
-    assert summarize(df, "es").value[0] == pytest.approx(1 / 3)
-    assert summarize(df, "es_first").value[0] == pytest.approx(2 / 3)
-    assert summarize(df, "ps").value[0] == pytest.approx(0.75) and summarize(df, "ps").n[0] == 2
+    assert metric_curve(df, "es").value[0] == pytest.approx(1 / 3)
+    assert metric_curve(df, "es_first").value[0] == pytest.approx(2 / 3)
+    assert metric_curve(df, "ps").value[0] == pytest.approx(0.75) and metric_curve(df, "ps").n[0] == 2
     mag = np.mean([np.exp(-1) - np.exp(-2), 0.0, np.exp(-3) - np.exp(-1)])
-    assert summarize(df, "magnitude").value[0] == pytest.approx(mag)
+    assert metric_curve(df, "magnitude").value[0] == pytest.approx(mag)
     assert tie_rate(df) == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="allowed: es, es_first"):
-        summarize(df, "accuracy")
+        metric_curve(df, "accuracy")
 
 
 def test_ns_is_mean_over_neighborhood_prompts_of_true_winning():
@@ -44,9 +44,9 @@ def test_ns_is_mean_over_neighborhood_prompts_of_true_winning():
     ])
     m = per_record(df, "ns")
     assert m[0].tolist() == [0.5, 1.0] and m[1].tolist() == [0.0, 0.0]
-    s = summarize(df, "ns")
+    s = metric_curve(df, "ns")
     assert s.value.tolist() == pytest.approx([0.75, 0.0]) and s.n[0] == 2
-    assert summarize(df, "es").n[0] == 1                     # neighbourhood rows never count as ES
+    assert metric_curve(df, "es").n[0] == 1                     # neighbourhood rows never count as ES
 
 
 def test_build_requests_neighborhood_and_control_other():

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from assocmem.report import write_report
+
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow   # 13+ figures (PNG + PDF) three times, CounterFact parsed three times, two lab runs
 
@@ -28,6 +30,7 @@ def test_reproduce_with_tiny_model(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(exp, "_available", lambda name: name == "smollm2-135m")
     out = tmp_path / "rep"
     section = exp.reproduce(out, n=3, ks=[0, 1, 2], dtype="float32")
+    write_report(section, out)
     names = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"sub_false_accs", "sub_true_accs", "hijack-example"} <= names
     assert {f"sentence_{pol}_P{r}" for pol in ("false", "true") for r in (103, 131, 190, 641, 1412)} <= names
@@ -64,7 +67,7 @@ def test_reproduce_with_tiny_model(shared_data, tmp_path, monkeypatch):
     other = tmp_path / "cf-other.json"
     other.write_text(json.dumps(raw))
     monkeypatch.setenv("ASSOCMEM_COUNTERFACT", str(other))
-    exp.reproduce(out, n=3, ks=[0, 1, 2], dtype="float32")
+    write_report(exp.reproduce(out, n=3, ks=[0, 1, 2], dtype="float32"), out)
     entries = ScoreStore(out).entries()
     assert len(entries) == 24 and set(first) < {e.id for e in entries}
     new = [e for e in entries if e.id not in first]

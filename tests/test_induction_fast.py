@@ -43,7 +43,7 @@ def test_loss_logits_and_grads_equal_naive(pos, ffn):
         torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
     with torch.no_grad():
         torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)
-        lg, hooks = loss_logits(m, z, return_attn=True)          # what evaluate() reads
+        lg, hooks = loss_logits(m, z, return_attn=True)          # what batch_metrics() reads
         _, ref_hooks = m(z, return_hooks=True)
         torch.testing.assert_close(lg, ref_all, atol=1e-5, rtol=1e-5)
         for k in ("attn1", "attn2"):

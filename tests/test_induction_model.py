@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from assocmem.analysis.induction import delayed_batch, evaluate, memory_probes
+from assocmem.runners.induction_probes import batch_metrics, memory_probes
+from assocmem.tasks.induction import delayed_batch
 from assocmem.analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
 from assocmem.models.induction import SimplifiedInduction
 from assocmem.theory.induction import (build_amt, centred_log_bigram, closed_form_logits, context_counts,
@@ -77,11 +78,11 @@ def test_c6_construction_in_context_accuracy(stats):
     # spec's calibrated (random basis): 0.997; ours ~0.99 (256 sequences: 0.990-0.993)
     for pos, basis, level in (("ape", "random", 0.98), ("rel_bias", "random", 0.98), ("ape", "orthogonal", 0.99)):
         m = build_amt(stats.pi_b, pos=pos, key_tokens=ds.fixed, basis=basis)
-        r = evaluate(m, b.x[None], b.y[None], b.outs[None])
+        r = batch_metrics(m, b.x[None], b.y[None], b.outs[None])
         assert float(r["acc_end"]) >= level, (pos, basis, float(r["acc_end"]))
         assert float(r["prev_tok_all"]) >= 0.99
     off = build_amt(stats.pi_b, pos="rel_bias", key_tokens=ds.fixed, lam=0.0)
-    r = evaluate(off, b.x[None], b.y[None], b.outs[None])
+    r = batch_metrics(off, b.x[None], b.y[None], b.outs[None])
     assert float(r["acc_end"]) < 0.06                       # global only (spec 0.022)
 
 
@@ -93,7 +94,7 @@ def test_c7_length_generalisation_rpe_vs_ape(stats):
     acc = {}
     for pos in ("ape", "rel_bias"):
         m = build_amt(stats.pi_b, pos=pos, key_tokens=ds.fixed)
-        r = evaluate(m, b.x[None], b.y[None], b.outs[None], chunk=4)
+        r = batch_metrics(m, b.x[None], b.y[None], b.outs[None], chunk=4)
         acc[pos] = float(r["acc_end"])
         if pos == "ape":
             assert float(r["prev_tok_all"]) == pytest.approx(0.25, abs=0.02)   # share inside training range

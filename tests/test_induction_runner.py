@@ -76,8 +76,10 @@ def test_reproduce_pipeline_smoke(shared_data, tmp_path):
     """The whole reproduction (tiny 'smoke' scale): runs stored, figures and report written, and a
     rerun reuses every stored run."""
     from assocmem.experiments.induction import reproduce
+    from assocmem.report import write_report
     path = str(shared_data / "tinyshakespeare" / "input.txt")
     sec = reproduce(tmp_path, "smoke", data_path=path)
+    write_report(sec, tmp_path)
     assert (tmp_path / "report.md").exists() and (tmp_path / "runs.parquet").exists()
     assert (tmp_path / "figures" / "ws_hijack_fraction.png").exists()
     names = [c.name for c in sec.checks()]

@@ -36,7 +36,7 @@ def test_loads_as_llama_and_knows_paris(smollm2):
 
 def test_hijack_on_twenty_records(smollm2, shared_data):
     from assocmem.hijack.counterfact import load_counterfact, select
-    from assocmem.hijack.evaluate import score_records, summarize
+    from assocmem.hijack.evaluate import score_records, metric_curve
     from assocmem.hijack.schemes import load_schemes
     book = load_schemes()
     recs = select(load_counterfact(shared_data / "counterfact" / "counterfact.json.gz").records, n=20, seed=0)
@@ -47,11 +47,11 @@ def test_hijack_on_twenty_records(smollm2, shared_data):
     sub = fast[fast.case_id.isin(plain.case_id)].reset_index(drop=True)
     for col in ("nll_new", "nll_true", "lp1_new", "lp1_true"):
         assert np.abs(sub[col].to_numpy() - plain[col].to_numpy()).max() < 1e-4
-    es = summarize(fast, "es").set_index("k").value
+    es = metric_curve(fast, "es").set_index("k").value
     assert es[1] > es[0] + 0.15 and es[2] > es[0] + 0.15       # "Do not think of {target_new}." hijacks
     true, _ = score_records(smollm2.model, smollm2.tokenizer, recs, book.get("generic_true"), [0, 2],
                             book.countries, progress=False)
-    es_true = summarize(true, "es").set_index("k").value
+    es_true = metric_curve(true, "es").set_index("k").value
     assert es_true[2] < es_true[0]
 
 

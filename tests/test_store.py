@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from assocmem import io, plots, report
+from assocmem import findings, io, plots, report
 from assocmem.config import ConfigError
 from assocmem.registry import RunResult, get_task, run_id
 from assocmem.store import DONE, RunStore, missing_when_diverged
@@ -318,9 +318,9 @@ def test_diverged_metrics_are_stored_as_missing_and_reports_count_them(tmp_path)
     assert store.is_finished(rid)                                    # deterministic: not retried
     df = store.table()
     assert df["accuracy"].mean() == pytest.approx(0.8)               # the 0.018 never enters a mean
-    ok, note = report.usable_runs(df)
+    ok, note = findings.usable_runs(df)
     assert len(ok) == 2 and note == "1 diverged run excluded"
-    assert report.usable_runs(ok)[1] == ""
+    assert findings.usable_runs(ok)[1] == ""
     assert missing_when_diverged({"a": 1.5, "wall_s": 2.0, "g": {"b": 0.5}, "k": 3}) == \
         {"a": None, "wall_s": 2.0, "g": {"b": None}, "k": 3}
 
@@ -338,10 +338,11 @@ def test_files_0644_and_folders_0755_under_umask_022(tmp_path):
         assert mode(store.table_path) == 0o644
         fig, ax = plots.new_figure()
         ax.plot([0, 1], [0, 1])
-        for p in plots.save(fig, tmp_path / "figs", "line"):
+        import assocmem.experiments.geometric_plots  # noqa: F401  (declares geo_e0_margin)
+        for p in plots.save(fig, tmp_path / "figs", "geo_e0_margin"):
             assert mode(p) == 0o644
         assert mode(tmp_path / "figs") == 0o755
-        md, ht = report.write_report(report.Section("k", "Title"), tmp_path / "rep")
+        md, ht = report.write_report(findings.Section("k", "Title"), tmp_path / "rep")
         assert mode(md) == mode(ht) == 0o644
     finally:
         os.umask(old)

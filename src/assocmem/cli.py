@@ -28,9 +28,10 @@ from .config import ConfigError, load_yaml, parse_dotlist, to_dict, unflatten
 DEFAULT_OUT = "assocmem-out"
 
 # paper key -> "module:function";
-# function(out_dir: Path, scale: str, jobs: int | None, force: bool[, backend=None]) -> report.Section
+# function(out_dir: Path, scale: str, force: bool[, jobs: int | None][, backend=None]) -> findings.Section;
+# the caller writes the report (report.write_report)
 REPRODUCTIONS: dict[str, str] = {
-    "elephants": "assocmem.experiments.elephants:reproduce",
+    "elephants": "assocmem.experiments.lca:reproduce",
     "induction": "assocmem.experiments.induction:reproduce",
     "geometric": "assocmem.experiments.geometric:reproduce",
     "hijack": "assocmem.experiments.hijack:reproduce",
@@ -88,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .store import RunStore
-    from .sweep import grid_from_file, make_backend, run_configs, summarize
+    from .sweep import grid_from_file, make_backend, run_configs, run_summary
 
     _jobs(args.jobs)
     task, configs = grid_from_file(args.grid, parse_dotlist(args.overrides))
@@ -97,7 +98,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     backend = make_backend(args.backend, **kwargs)
     rep = run_configs(task, configs, store, backend=backend, force=args.force, stack=not args.no_stack)
     df = store.table()                                      # the run folders, not a possibly stale table
-    print(summarize(df[df["run_id"].isin(rep.run_ids)] if not df.empty else df, task.summary_keys))
+    print(run_summary(df[df["run_id"].isin(rep.run_ids)] if not df.empty else df, task.summary_keys))
     print(f"{len(rep.run_ids)} runs: {rep.ran} ran, {rep.skipped} already finished, {rep.failed} failed "
           f"({rep.wall_s:.1f} s); table: {store.root / 'runs.parquet'}")
     return 0 if rep.failed == 0 else 1
@@ -106,7 +107,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     from .registry import TASKS, get_task
     from .store import RunStore
-    from .sweep import summarize
+    from .sweep import run_summary
 
     store = RunStore(_out(args.out))
     if args.check:
@@ -123,13 +124,13 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     for name in sorted(set(df["task"])):
         if name in TASKS:
             keys += [k for k in get_task(name).summary_keys if k not in keys]
-    print(summarize(df, keys))
+    print(run_summary(df, keys))
     print(f"{len(df)} runs in {store.root}")
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .report import write_index
+    from .report import write_index, write_report
 
     from .sweep import make_backend
 
@@ -150,7 +151,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         extra = dict(hijack_kwargs) if name == "hijack" else {}
         if backend is not None and "backend" in params:     # hijack trains nothing: no backend
             extra["backend"] = backend
-        section = reproduce(out_dir=sub, scale=args.scale, jobs=args.jobs, force=args.force, **extra)
+        if "jobs" in params:
+            extra["jobs"] = args.jobs
+        section = reproduce(out_dir=sub, scale=args.scale, force=args.force, **extra)
+        write_report(section, sub)
         print(f"{name}: {section.tally()} in {time.perf_counter() - t0:.1f} s -> {sub / 'report.html'}")
         entries.append((section, f"{name}/report.html" if args.paper == "all" else "report.html"))
     if args.paper == "all":

@@ -1,8 +1,14 @@
-"""Shared figure style and saving. Plotting functions elsewhere take a DataFrame and return a Figure;
-:func:`save` writes it as PNG and PDF (temp file + rename, readable by all under umask 022) and closes it."""
+"""Shared figure style, the figure registry and saving.
+
+Plotting functions elsewhere take a DataFrame and return a Figure. Each declares, with
+``@figure("name_{field}", ...)``, the file names its figures are saved under; :data:`FIGURES` maps
+every such pattern to the function, docs/DEVELOPING.md's figure index is generated from it, and
+:func:`save` refuses a name no function declares. :func:`save` writes PNG and PDF (temp file + rename,
+readable by all under umask 022) and closes the figure."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +35,32 @@ STYLE = {
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
+FIGURES: dict[str, str] = {}      # file-name pattern -> "module.function" that draws it
+
+
+def figure(*patterns: str) -> Callable:
+    """Declare the file names (``{field}`` marks a variable part) of the figures a plotting function draws."""
+    def register(fn: Callable) -> Callable:
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        for pattern in patterns:
+            if FIGURES.get(pattern, name) != name:
+                raise ValueError(f"figure {pattern!r} is declared by {FIGURES[pattern]} and {name}")
+            FIGURES[pattern] = name
+        return fn
+    return register
+
+
+def _regex(pattern: str) -> re.Pattern:
+    parts = re.split(r"\{\w+\}", pattern)
+    return re.compile(".+?".join(re.escape(p) for p in parts))
+
+
+def builder_of(name: str) -> str | None:
+    """The function registered for the figure file ``name`` (no extension), or None."""
+    hits = [fn for pattern, fn in FIGURES.items() if _regex(pattern).fullmatch(name)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def new_figure(**kwargs) -> tuple[plt.Figure, plt.Axes]:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(**kwargs)
@@ -47,7 +79,11 @@ def line_with_band(ax: plt.Axes, x: Sequence[float], mean: Sequence[float], sem:
 
 
 def save(fig: plt.Figure, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write ``out_dir/name.{png,pdf}`` atomically, close the figure, return the paths."""
+    """Write ``out_dir/name.{png,pdf}`` atomically, close the figure, return the paths.
+
+    ``name`` must match exactly one pattern declared with :func:`figure` (ValueError otherwise)."""
+    if builder_of(name) is None:
+        raise ValueError(f"figure {name!r}: no plotting function declares it with @plots.figure(...)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

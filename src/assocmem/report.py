@@ -1,123 +1,18 @@
-"""Reproduction reports: every paper contributes a :class:`Section`; :func:`write_report` renders it
+"""Reproduction reports: :func:`write_report` renders one paper's :class:`~assocmem.findings.Section`
 as ``report.md`` and ``report.html`` beside its figures, and :func:`write_index` links many.
-
-A section is a list of figure families. Each family shows its images and a table of checks: our
-value next to the paper's (where known), the sem over seeds, the tolerance and a verdict.
 """
 from __future__ import annotations
 
-import dataclasses
 import html
-import math
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from .findings import Check, Section, fmt
 from .io import atomic_write_text
-
-VERDICTS = ("agrees", "disagrees", "trend holds", "trend fails", "trend only", "reference", "missing")
-
-
-@dataclasses.dataclass
-class Check:
-    """One row of a family's table.
-
-    verdict: agrees/disagrees (numeric, ``|ours - paper| <= tol``), trend holds/fails (qualitative
-    claim tested on our data), trend only (no paper number; ours shown), reference (a theory value),
-    missing (could not be computed).
-    """
-    name: str
-    ours: float | str | None
-    verdict: str
-    paper: float | str | None = None
-    sem: float | None = None
-    tol: float | None = None
-    note: str = ""
-
-    def __post_init__(self):
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict: {self.verdict!r} is not allowed (allowed: {', '.join(VERDICTS)})")
-
-
-def compare(name: str, ours: float | None, paper: float, tol: float, sem: float | None = None,
-            note: str = "") -> Check:
-    """Numeric check: agrees when ``|ours - paper| <= tol``."""
-    if ours is None or (isinstance(ours, float) and math.isnan(ours)):
-        return Check(name, None, "missing", paper, sem, tol, note)
-    return Check(name, ours, "agrees" if abs(ours - paper) <= tol else "disagrees", paper, sem, tol, note)
-
-
-def usable_runs(df, status: str = "status") -> tuple[Any, str]:
-    """Rows of a store table that may enter averages (status ``ok``), and a note counting the rest.
-
-    Diverged runs are stored with their measured metrics missing (None), so a plain mean would skip
-    them silently; this makes the exclusion explicit. Returns ``(df_ok, note)``; ``note`` is "" when
-    nothing was excluded, else e.g. "2 diverged runs excluded"."""
-    if df is None or len(df) == 0 or status not in df.columns:
-        return df, ""
-    ok = df[status] == "ok"
-    counts = df.loc[~ok, status].value_counts()
-    note = ", ".join(f"{n} {s} run{'s' if n != 1 else ''} excluded" for s, n in sorted(counts.items()))
-    return df[ok], note
-
-
-def trend(name: str, holds: bool, ours: Any = None, paper: Any = None, note: str = "") -> Check:
-    """Qualitative check: a claim evaluated on our data."""
-    return Check(name, ours, "trend holds" if holds else "trend fails", paper, note=note)
-
-
-@dataclasses.dataclass
-class Family:
-    """A figure family: its images (paths relative to the report folder), text and checks."""
-    title: str
-    figures: list[str] = dataclasses.field(default_factory=list)
-    checks: list[Check] = dataclasses.field(default_factory=list)
-    text: str = ""
-
-
-@dataclasses.dataclass
-class Section:
-    """One paper's report."""
-    key: str
-    title: str
-    intro: str = ""
-    families: list[Family] = dataclasses.field(default_factory=list)
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def checks(self) -> list[Check]:
-        return [c for f in self.families for c in f.checks]
-
-    def tally(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.checks():
-            out[c.verdict] = out.get(c.verdict, 0) + 1
-        return out
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "–"
-        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
-    return str(x)
-
-
-def run_meta(**extra: Any) -> dict[str, Any]:
-    """Versions and machine facts for a report's metadata block."""
-    import numpy
-    import torch
-    from . import __version__
-    return {"assocmem": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch threads": torch.get_num_threads(), **extra}
 
 
 def _table_rows(checks: Sequence[Check]) -> list[list[str]]:
-    return [[c.name, _fmt(c.ours), _fmt(c.sem), _fmt(c.paper), _fmt(c.tol), c.verdict, c.note] for c in checks]
+    return [[c.name, fmt(c.ours), fmt(c.sem), fmt(c.paper), fmt(c.tol), c.verdict, c.note] for c in checks]
 
 
 HEADER = ["check", "ours", "sem", "paper", "tol", "verdict", "note"]
@@ -207,3 +102,29 @@ def write_index(entries: Sequence[tuple[Section, str]], out_dir: str | Path) -> 
     atomic_write_text(out / "index.md", md)
     atomic_write_text(out / "index.html", ht)
     return out / "index.html"
+
+
+# modules whose plotting functions declare figures (tests/test_figures.py keeps this list complete)
+PLOT_MODULES = {
+    "assocmem.experiments.lca_plots": "elephants",
+    "assocmem.experiments.induction_plots": "induction",
+    "assocmem.experiments.geometric_plots": "geometric",
+    "assocmem.experiments.hijack": "hijack",
+    "assocmem.hijack.explain_plots": "hijack (mechanism lab)",
+    "assocmem.hijack.leaderboard_render": "hijack (leaderboard)",
+}
+INDEX_START, INDEX_END = "<!-- figure-index:start -->", "<!-- figure-index:end -->"
+
+
+def figure_index() -> str:
+    """A markdown table, figure file name -> the one function that draws it, read from the
+    ``@plots.figure`` declarations (``{field}`` marks a variable part of the name)."""
+    import importlib
+
+    from .plots import FIGURES
+    for module in PLOT_MODULES:
+        importlib.import_module(module)
+    rows = sorted((PLOT_MODULES[fn.rsplit(".", 1)[0]], pattern, fn) for pattern, fn in FIGURES.items())
+    lines = ["| report | figure file (`figures/NAME.png`) | drawn by |", "|---|---|---|"]
+    lines += [f"| {paper} | `{pattern}` | `{fn}` |" for paper, pattern, fn in rows]
+    return "\n".join(lines)

@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 
 from . import io
 from .config import ConfigError, flatten, to_dict
-from .io import atomic_write_text  # noqa: F401  (old import path; new code imports assocmem.io)
 from .registry import TASKS, RunResult, TaskSpec, get_task
 
 if TYPE_CHECKING:

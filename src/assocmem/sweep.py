@@ -352,7 +352,7 @@ def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, back
     return SweepReport(ids, len(todo), len(configs) - len(todo), failed, time.perf_counter() - t0, stored)
 
 
-def summarize(df: pd.DataFrame, keys: Sequence[str]) -> str:
+def run_summary(df: pd.DataFrame, keys: Sequence[str]) -> str:
     """Plain-text table of runs (rows of the store's table): id, chosen config keys, accuracy, status."""
     if df.empty:
         return "(no runs)"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import ConfigError, param
+from .config import ConfigError, Seeds, param
 from .procs import die_with_parent
 
 
@@ -89,6 +89,15 @@ def make_optimizer(params, cfg: OptimConfig) -> Optimizer:
 
 
 DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every task's run config holds besides its task/model/optim(/eval) parts: the seed, the
+    random streams derived from it, and the device. Field order does not enter the run id (sorted JSON)."""
+    seed: int = param(0, lo=0)
+    seeds: Seeds = dataclasses.field(default_factory=Seeds)
+    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
 
 def resolve_device(name: str) -> torch.device:

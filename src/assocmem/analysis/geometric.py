@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..models.geometric import StackedTransformer
-from ..tasks.geometric import GeoData, draw_bijections, single_hop
+from ..tasks.geometric import draw_bijections, single_hop
 
 
 def _split(N: int, gen: torch.Generator, frac: float = 0.8) -> tuple[Tensor, Tensor]:
@@ -277,7 +277,3 @@ def retrain_embeddings(W: dict[str, Tensor], bij_new: Tensor, optim, gen: torch.
 
 def fresh_bijections(N: int, R: int, seed: int) -> Tensor:
     return draw_bijections(N, R, torch.Generator().manual_seed(seed))
-
-
-__all__ = ["superposition_probe", "per_relation_decoding", "causal_swap", "mlp_gating", "transfer_regression",
-           "transfer_inverse", "random_reinit_accuracy", "retrain_embeddings", "fresh_bijections", "GeoData"]

@@ -57,7 +57,7 @@ def build_prompt(pi_b: Tensor, pi_u: Tensor, q: int, successors: list[int], L: i
 
 
 @dataclasses.dataclass
-class Family:
+class PromptFamily:
     """Prompts [B, L] of one family plus per-prompt annotations (o, b, counts, labels)."""
     name: str
     z: Tensor
@@ -69,7 +69,7 @@ class Family:
 
 def make_families(pi_b: Tensor, pi_u: Tensor, q: int, L: int, g: torch.Generator, per_cell: int = 10,
                   gap: int = 20, n_outputs: int = 6, counts=(1, 2, 4), conflicts=((3, 1), (2, 2), (1, 3), (4, 0)),
-                  distance_L: int | None = None, starts=()) -> dict[str, Family]:
+                  distance_L: int | None = None, starts=()) -> dict[str, PromptFamily]:
     """The four families for query q. Outputs of ``single`` span pi_b(o|q) from the top to ~0."""
     N = pi_b.shape[0]
     order = torch.argsort(pi_b[q], descending=True)
@@ -77,11 +77,11 @@ def make_families(pi_b: Tensor, pi_u: Tensor, q: int, L: int, g: torch.Generator
     b = int(order[0])
     pick = torch.linspace(1, len(order) - 1, n_outputs).round().long()   # skip b itself
     outs = [int(order[i]) for i in pick]
-    fams: dict[str, Family] = {}
+    fams: dict[str, PromptFamily] = {}
 
     def pack(name, rows):
         z = torch.tensor([r[0] for r in rows])
-        fams[name] = Family(name, z, torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]),
+        fams[name] = PromptFamily(name, z, torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]),
                             [r[3] for r in rows], torch.tensor([r[4] for r in rows], dtype=torch.float))
 
     rows = []
@@ -133,7 +133,7 @@ def last_logits(model, z: Tensor, chunk: int = 32) -> Tensor:
     return torch.cat(out)
 
 
-def outcome_table(fam: Family, logits: Tensor, log_pi: Tensor, lam: float, mu: float, pi_b: Tensor,
+def outcome_table(fam: PromptFamily, logits: Tensor, log_pi: Tensor, lam: float, mu: float, pi_b: Tensor,
                   empty: str = "global"):
     """Per-prompt rows: model winner, rule winner, agreement (the model's top-1 is one of the rule's
     maximisers, ties within 1e-6 included), and the o-vs-b comparison."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models.lca import LCAModel
-from ..runners.lca import evaluate, sample_stack
+from ..runners.lca import accuracy_and_loss, sample_stack
 from ..tasks.lca import LCATask, hamming, mix
 from ..theory.lca import (constructed_W_V, decoder_accuracy, gaussian_W_V, random_construction_W_V,
                           smallest_principal_angle)
@@ -106,7 +106,7 @@ def with_W_V(model: LCAModel, W_V: Tensor) -> LCAModel:
 def replaced_accuracy(model: LCAModel, task: LCATask, kind: str, eval_generators: list[torch.Generator],
                       n: int, generator: torch.Generator) -> Tensor:
     """[S] accuracy after replacing W_V by the ``kind`` baseline built from the model's embeddings."""
-    return evaluate(with_W_V(model, baseline_W_V(model, kind, generator)), task, eval_generators, n)[0]
+    return accuracy_and_loss(with_W_V(model, baseline_W_V(model, kind, generator)), task, eval_generators, n)[0]
 
 
 def principal_angles(model: LCAModel, rank: int, generator: torch.Generator,

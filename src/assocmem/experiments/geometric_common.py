@@ -6,7 +6,6 @@ reach 100% accuracy on every fact (CoT: every chain under greedy decoding).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,60 +17,61 @@ from ..registry import get_task, run_id
 from ..runners.geometric import GeoConfig
 from ..store import RunStore
 from ..sweep import run_configs
+from .scale import REQUIRED, Scale, make_scales
 
 RECONSTRUCTED = ("All settings, constructions and protocols here are our reconstruction (spec tags [ours]); "
                  "the paper's theorems, hyperparameters and figures were unavailable. No check compares with a "
                  "paper number: verdicts are 'trend holds/fails' on the claims, or 'trend only'.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    seeds: int
-    e0_N: tuple[int, ...]
-    e1_N: tuple[int, ...]
-    e1_R: tuple[int, ...]
-    d_grid: tuple[int, ...]
-    max_steps: int
-    e2_N: tuple[int, ...]
-    e2_d: int
-    m_grid: tuple[int, ...]
-    e3_N: int
-    e3_d: tuple[int, ...]
-    e5_N: int
-    e5_d: int
-    e6_N: int
-    e6_R: tuple[int, ...]
-    e6_k: tuple[int, ...]
-    e6_grid: tuple[int, ...]
-    e0_overlap_N: tuple[int, ...] = (256, 1024)
-    e5_knobs: tuple[str, ...] = ()
-    e5_max_steps: int = 1500
-    e5_t2_steps: int = 1500
-    e1_R4_N: tuple[int, ...] = ()        # extra N values run for R = 4 only (d*/(R log2 N) across N)
-
-
 # E1 d grid: steps of at most 1.25x from 8 up to 20, fine enough that rounding up to the next grid value cannot
 # by itself move d*/(R log2 N) by the 1.5x that E1's check allows (the old 8 -> 12 -> 16 steps were 1.5x and 1.33x)
 D_GRID = (2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 32, 48)
 
-SCALES = {
-    "quick": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(64, 128, 256), e1_R=(2, 4),
-                   d_grid=D_GRID, max_steps=1500,
-                   e2_N=(32, 64, 128), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512),
-                   e3_N=512, e3_d=(32,), e5_N=512, e5_d=64, e6_N=64, e6_R=(3,), e6_k=(1, 2, 3),
-                   e6_grid=(4, 8, 16, 32, 64),
-                   e5_knobs=("default", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
-                   e5_max_steps=600, e5_t2_steps=300, e0_overlap_N=(256,)),
-    "paper": Scale(seeds=2, e0_N=(256, 1024, 4096), e1_N=(256,), e1_R=(1, 2, 4), e1_R4_N=(512, 1024),
-                   d_grid=D_GRID + (64,), max_steps=1500,
-                   e2_N=(64, 128, 256), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 3),
-                   e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
-                   e5_knobs=("default", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
-                   e5_max_steps=600, e5_t2_steps=300),
+DEFAULTS = {
+    "seeds": REQUIRED,
+    "e0_N": REQUIRED,
+    "e1_N": REQUIRED,
+    "e1_R": REQUIRED,
+    "d_grid": REQUIRED,
+    "max_steps": REQUIRED,
+    "e2_N": REQUIRED,
+    "e2_d": REQUIRED,
+    "m_grid": REQUIRED,
+    "e3_N": REQUIRED,
+    "e3_d": REQUIRED,
+    "e5_N": REQUIRED,
+    "e5_d": REQUIRED,
+    "e6_N": REQUIRED,
+    "e6_R": REQUIRED,
+    "e6_k": REQUIRED,
+    "e6_grid": REQUIRED,
+    "e0_overlap_N": (256, 1024),
+    "e5_knobs": (),
+    "e5_max_steps": 1500,
+    "e5_t2_steps": 1500,
+    "e1_R4_N": (),                   # extra N values run for R = 4 only (d*/(R log2 N) across N)
 }
+
+SCALES = make_scales(
+    DEFAULTS,
+    quick=dict(seeds=2, e0_N=(256, 1024, 4096), e1_N=(64, 128, 256), e1_R=(2, 4),
+               d_grid=D_GRID, max_steps=1500,
+               e2_N=(32, 64, 128), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512),
+               e3_N=512, e3_d=(32,), e5_N=512, e5_d=64, e6_N=64, e6_R=(3,), e6_k=(1, 2, 3),
+               e6_grid=(4, 8, 16, 32, 64),
+               e5_knobs=("default", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
+               e5_max_steps=600, e5_t2_steps=300, e0_overlap_N=(256,)),
+    paper=dict(seeds=2, e0_N=(256, 1024, 4096), e1_N=(256,), e1_R=(1, 2, 4), e1_R4_N=(512, 1024),
+               d_grid=D_GRID + (64,), max_steps=1500,
+               e2_N=(64, 128, 256), e2_d=16, m_grid=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+               e3_N=1024, e3_d=(32,), e5_N=1024, e5_d=128, e6_N=256, e6_R=(2, 3), e6_k=(1, 3),
+               e6_grid=(4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128),
+               e5_knobs=("default", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
+               e5_max_steps=600, e5_t2_steps=300),
+)
 # "full" = paper + E1 at N = 4096 (R = 4, one seed: a full-batch step there costs ~1 s of CPU)
-SCALES["full"] = dataclasses.replace(SCALES["paper"], e1_R4_N=(512, 1024, 4096))
+SCALES["full"] = SCALES["paper"].replace("full", e1_R4_N=(512, 1024, 4096))
 BIG_N = 4096          # E1 cells with N >= BIG_N use one seed
 D_GUESS = 0.3         # E1/E6 searches start at d ~ D_GUESS * R * log2 N (spec calibration d*(1024, 4) = 12)
 

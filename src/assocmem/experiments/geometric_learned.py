@@ -11,17 +11,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import plots, report
-from ..analysis import geometric as an
+from .. import findings, plots
+from ..analysis import geometric as geo_analysis
 from ..config import build
 from ..registry import get_task
 from ..store import RunStore
 from ..sweep import run_configs
-from . import geometric_plots as gp
+from . import geometric_plots
 from .geometric_common import E6_MIN_R, Scale, _load, _optim, _records, _seeds, bisect, d_guess
 
 # ---- E3 + E4: probes and gating on trained models ----------------------------------------------------------------
-def e3_e4(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> list[report.Family]:
+def e3_e4(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> list[findings.Family]:
     N, R = sc.e3_N, 4
     variants = {}
     for d in sc.e3_d:
@@ -37,46 +37,46 @@ def e3_e4(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> li
             bij = W["bij"]
             g = torch.Generator().manual_seed(c.seed)
             E, U = W["W_E"][:N], W["W_U"]
-            p = an.superposition_probe(E, bij, U, g)
-            dec = an.per_relation_decoding(E, bij, U, g)
-            sw = an.causal_swap(W, bij, 400, g)
-            gt = an.mlp_gating(W, bij, gen=g)
+            p = geo_analysis.superposition_probe(E, bij, U, g)
+            dec = geo_analysis.per_relation_decoding(E, bij, U, g)
+            sw = geo_analysis.causal_swap(W, bij, 400, g)
+            gt = geo_analysis.mlp_gating(W, bij, gen=g)
             rows.append({"label": label, "seed": c.seed, **p, "decoding": float(np.mean(dec)), **sw,
                          "linearity": float(np.mean(gt["linearity_r2"])), "selectivity": gt["mean_selectivity"],
                          "abl_target": float(np.mean(np.diag(gt["ablation"]))),
                          "abl_other": float((np.sum(gt["ablation"]) - np.trace(gt["ablation"])) / (R * R - R))})
             gat.setdefault(label, gt)
     df = pd.DataFrame(rows)
-    plots.save(gp.probes(df), fig_dir, "geo_e3_probes")
+    plots.save(geometric_plots.probes(df), fig_dir, "geo_e3_probes")
     lab0 = list(variants)[0]
-    plots.save(gp.gating(gat[lab0]["selectivity"], gat[lab0]["ablation"], R), fig_dir, "geo_e4_gating")
+    plots.save(geometric_plots.gating(gat[lab0]["selectivity"], gat[lab0]["ablation"], R), fig_dir, "geo_e4_gating")
     s = df.groupby("label").mean(numeric_only=True)
     best = s["r2_heldout"].idxmax()
-    c3 = [report.trend(f"held-out R^2 >= 0.6 with shuffled control <= 0 ({best})",
+    c3 = [findings.trend(f"held-out R^2 >= 0.6 with shuffled control <= 0 ({best})",
                        s.loc[best, "r2_heldout"] >= 0.6 and s.loc[best, "r2_shuffled"] <= 0,
                        ours=f"{s.loc[best, 'r2_heldout']:.3f} / {s.loc[best, 'r2_shuffled']:.3f}")]
     for lab, r in s.iterrows():
-        c3.append(report.Check(f"{lab}: held-out R^2 / shuffled", round(r.r2_heldout, 3), "trend only",
+        c3.append(findings.Check(f"{lab}: held-out R^2 / shuffled", round(r.r2_heldout, 3), "trend only",
                                note=f"shuffled {r.r2_shuffled:.3f}"))
-        c3.append(report.trend(f"{lab}: per-relation decoding far above 1/N={1 / N:.4f}", r.decoding > 10 / N,
+        c3.append(findings.trend(f"{lab}: per-relation decoding far above 1/N={1 / N:.4f}", r.decoding > 10 / N,
                                ours=round(r.decoding, 3)))
-        c3.append(report.Check(f"{lab}: causal swap success / preservation", round(r.swap_success, 3), "trend only",
+        c3.append(findings.Check(f"{lab}: causal swap success / preservation", round(r.swap_success, 3), "trend only",
                                note=f"preservation {r.swap_preservation:.3f}; our uncalibrated targets 0.8 / 0.95"))
     c4 = []
     for lab, r in s.iterrows():
-        c4.append(report.trend(f"{lab}: within-relation linearity R^2 >= 0.95", r.linearity >= 0.95,
+        c4.append(findings.trend(f"{lab}: within-relation linearity R^2 >= 0.95", r.linearity >= 0.95,
                                ours=round(r.linearity, 3), note="spec toy: 0.95-0.998"))
-        c4.append(report.Check(f"{lab}: mean unit selectivity (1/R = {1 / R})", round(r.selectivity, 3), "trend only",
+        c4.append(findings.Check(f"{lab}: mean unit selectivity (1/R = {1 / R})", round(r.selectivity, 3), "trend only",
                                note="distributed gating expected (slightly above 1/R)"))
-        c4.append(report.trend(f"{lab}: ablation hurts the targeted relation more than others",
+        c4.append(findings.trend(f"{lab}: ablation hurts the targeted relation more than others",
                                r.abl_target < r.abl_other, ours=f"{r.abl_target:.3f} vs {r.abl_other:.3f}"))
     t3 = (f"N = {N}, R = 4, trained to 100% (lr 1e-2); codes = learned W_U rows; ridge 1e-3; 80/20 subject split."
           f"\n\n```\n{s[['r2_heldout', 'r2_shuffled', 'decoding', 'swap_success', 'swap_preservation']].round(3).to_string()}\n```")
     t4 = (f"Same models. Ablation zeroes the m/R units with the largest (mean activation on r) - (mean on others); "
           f"figure: selectivity histogram and ablation matrix of '{lab0}', seed 0.\n\n"
           f"```\n{s[['linearity', 'selectivity', 'abl_target', 'abl_other']].round(3).to_string()}\n```")
-    return [report.Family("E3 superposition probes", ["figures/geo_e3_probes.png"], c3, t3),
-            report.Family("E4 MLP gating", ["figures/geo_e4_gating.png"], c4, t4)]
+    return [findings.Family("E3 superposition probes", ["figures/geo_e3_probes.png"], c3, t3),
+            findings.Family("E4 MLP gating", ["figures/geo_e4_gating.png"], c4, t4)]
 
 
 # ---- E5: zero-shot transfer -----------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ E5_KNOBS = {
 }
 
 
-def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: int | None) -> report.Family:
+def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: int | None) -> findings.Family:
     N, R, d = sc.e5_N, 4, sc.e5_d
     base = {"task.N": N, "task.R": R, "model.d_model": d, **_optim(sc)}
     knobs = {}
@@ -113,19 +113,19 @@ def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: i
         Ws = [_load(store, c) for c in cs]
         for i, (c, W) in enumerate(zip(cs, Ws)):
             bij, ln = W["bij"], c.model.layernorm
-            new = an.fresh_bijections(N, R, 10_000 + c.seed)
+            new = geo_analysis.fresh_bijections(N, R, 10_000 + c.seed)
             g = torch.Generator().manual_seed(c.seed)
             other = Ws[(i + 1) % len(Ws)]
             rows.append({"knob": knob, "seed": c.seed,
-                         "T1_regress": an.transfer_regression(W, bij, new, ln),
-                         "T1_regress_cv": an.transfer_regression(W, bij, new, ln, lam=None, gen=g),
-                         "T1_inverse": an.transfer_inverse(W, bij, new, ln),
-                         "random": an.random_reinit_accuracy(W, new, g, ln),
-                         "other_seed": an.transfer_from(W, other, other["bij"], new, ln) if len(Ws) > 1 else np.nan,
-                         "reconstruct": an.transfer_regression(W, bij, bij, ln),
+                         "T1_regress": geo_analysis.transfer_regression(W, bij, new, ln),
+                         "T1_regress_cv": geo_analysis.transfer_regression(W, bij, new, ln, lam=None, gen=g),
+                         "T1_inverse": geo_analysis.transfer_inverse(W, bij, new, ln),
+                         "random": geo_analysis.random_reinit_accuracy(W, new, g, ln),
+                         "other_seed": geo_analysis.transfer_from(W, other, other["bij"], new, ln) if len(Ws) > 1 else np.nan,
+                         "reconstruct": geo_analysis.transfer_regression(W, bij, bij, ln),
                          "steps_scratch": _records(store, [c])[0]["steps"]})
     df = pd.DataFrame(rows)
-    plots.save(gp.transfer(df), fig_dir, "geo_e5_transfer")
+    plots.save(geometric_plots.transfer(df), fig_dir, "geo_e5_transfer")
     s = df.groupby("knob").mean(numeric_only=True)
     methods = {"T1_regress": "regression map (spec E3a, ridge 1e-3)", "T1_regress_cv": "regression map, ridge by held-out R^2",
                "T1_inverse": "inverse of the linearised selector"}
@@ -137,24 +137,24 @@ def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: i
     W = _load(store, c)
     o = build(type(c.optim), {**dataclasses.asdict(c.optim), "stop": "acc", "patience": 0,
                               "max_steps": sc.e5_t2_steps})
-    new = an.fresh_bijections(N, R, 10_000 + c.seed)
-    t2 = an.retrain_embeddings(W, new, o, torch.Generator().manual_seed(1), c.model.layernorm)
-    t2i = an.retrain_embeddings(W, new, o, torch.Generator().manual_seed(1), c.model.layernorm,
-                                init=an.regression_embeddings(W, W["bij"], new, lam=None,
+    new = geo_analysis.fresh_bijections(N, R, 10_000 + c.seed)
+    t2 = geo_analysis.retrain_embeddings(W, new, o, torch.Generator().manual_seed(1), c.model.layernorm)
+    t2i = geo_analysis.retrain_embeddings(W, new, o, torch.Generator().manual_seed(1), c.model.layernorm,
+                                init=geo_analysis.regression_embeddings(W, W["bij"], new, lam=None,
                                                               gen=torch.Generator().manual_seed(c.seed)))
-    checks = [report.trend(f"best zero-shot transfer >= 0.9 ({best}; {methods[method]})", s.loc[best, "T1_best"] >= 0.9,
+    checks = [findings.trend(f"best zero-shot transfer >= 0.9 ({best}; {methods[method]})", s.loc[best, "T1_best"] >= 0.9,
                            ours=round(float(s.loc[best, "T1_best"]), 3),
                            note=f"goal from the issue; baselines: random re-init {s.loc[best, 'random']:.4f}, "
                                 f"map from another seed {s.loc[best, 'other_seed']:.4f}"),
-              report.trend("best zero-shot transfer far above the baselines (>= 10x)",
+              findings.trend("best zero-shot transfer far above the baselines (>= 10x)",
                            s.loc[best, "T1_best"] >= 10 * max(s.loc[best, "random"], np.nan_to_num(s.loc[best, "other_seed"]),
                                                               1 / N), ours=round(float(s.loc[best, "T1_best"]), 3)),
-              report.Check("T2 (best knob): steps to 100% training only E' from random init", t2["steps"], "trend only",
+              findings.Check("T2 (best knob): steps to 100% training only E' from random init", t2["steps"], "trend only",
                            note=f"final acc {t2['accuracy']:.3f} (cap {sc.e5_t2_steps} steps); from the T1 "
                                 f"re-initialisation: {t2i['steps']} steps, acc {t2i['accuracy']:.3f}; scratch "
                                 f"(all weights) {s.loc[best, 'steps_scratch']:.0f} steps")]
     for knob, r in s.iterrows():
-        checks.append(report.Check(f"T1 {knob}", round(float(r.T1_best), 3), "trend only",
+        checks.append(findings.Check(f"T1 {knob}", round(float(r.T1_best), 3), "trend only",
                                    note=f"regress {r.T1_regress:.3f}, regress-cv {r.T1_regress_cv:.3f}, inverse "
                                         f"{r.T1_inverse:.3f}, random {r.random:.4f}, other seed {r.other_seed:.4f}, "
                                         f"reconstruct F {r.reconstruct:.3f}"))
@@ -167,11 +167,11 @@ def e5(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path, dstar: i
             "Knobs 'to loss ...' train past 100% until the loss is below that value (at most "
             f"{sc.e5_max_steps} steps).\n\nBest: **{best}** with {methods[method]}: {s.loc[best, 'T1_best']:.3f} "
             f"(random re-init {s.loc[best, 'random']:.4f}).\n\n```\n{s.round(3).to_string()}\n```")
-    return report.Family("E5 zero-shot transfer", ["figures/geo_e5_transfer.png"], checks, text)
+    return findings.Family("E5 zero-shot transfer", ["figures/geo_e5_transfer.png"], checks, text)
 
 
 # ---- E6: multi-hop ------------------------------------------------------------------------------------------------
-def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> report.Family:
+def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> findings.Family:
     K = 3
     cells = {}
     for R in sc.e6_R:
@@ -184,7 +184,7 @@ def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> repor
     guess = {(R, k, cot): d_guess(sc.e6_N, R if cot else R ** k) for (R, k, cot) in cells}
     dstar = bisect(store, cells, sc.e6_grid, backend, force, "geometric E6", guess=guess)
     df = pd.DataFrame([{"R": R, "k": k, "cot": cot, "dstar": v} for (R, k, cot), v in dstar.items()])
-    plots.save(gp.multihop(df.dropna()), fig_dir, "geo_e6_multihop")
+    plots.save(geometric_plots.multihop(df.dropna()), fig_dir, "geo_e6_multihop")
     checks = []
     top = max(sc.e6_grid)
     for R in sc.e6_R:
@@ -196,11 +196,11 @@ def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> repor
         name = f"R={R}: d* without CoT grows with k much faster than with CoT"
         ours = f"noCoT x{grow_n:.2f} vs CoT x{grow_c:.2f} (k {k1}->{kK})"
         if R >= E6_MIN_R:
-            checks.append(report.trend(name, grow_n >= 2 * grow_c, ours=ours, note=note))
-            checks.append(report.trend(f"R={R}, k={kK}: d* without CoT above d* with CoT",
+            checks.append(findings.trend(name, grow_n >= 2 * grow_c, ours=ours, note=note))
+            checks.append(findings.trend(f"R={R}, k={kK}: d* without CoT above d* with CoT",
                                        g[(False, kK)] > g[(True, kK)], ours=f"{g[(False, kK)]:.0f} vs {g[(True, kK)]:.0f}"))
         else:   # R^k chain codes too few for the 2x test to resolve (E6_MIN_R in geometric_common)
-            checks.append(report.Check(name, ours, "trend only",
+            checks.append(findings.Check(name, ours, "trend only",
                                        note=f"R < {E6_MIN_R}: only R^{kK} = {R ** kK} chain codes; " + note))
     text = (f"N = {sc.e6_N}, slot format with K = {K}; both regimes use the same model ({K} heads, so the two differ "
             "only in the targets): CoT success = every chain right under greedy decoding; no CoT: one target. "
@@ -208,6 +208,6 @@ def e6(sc: Scale, store: RunStore, backend, force: bool, fig_dir: Path) -> repor
             f"The growth check is a verdict for R >= {E6_MIN_R} (constructions: R^(k-1) separation); smaller R is "
             "shown as trend only: with R^k = 8 chain codes the learned no-CoT d* grows like a single-hop model's "
             f"with 8 relations, the same order as CoT's constant cost of routing k relations to k positions.\n\n```\n{df.to_string(index=False)}\n```")
-    return report.Family("E6 multi-hop: CoT vs no CoT", ["figures/geo_e6_multihop.png"], checks, text)
+    return findings.Family("E6 multi-hop: CoT vs no CoT", ["figures/geo_e6_multihop.png"], checks, text)
 
 

@@ -10,6 +10,7 @@ from .. import plots
 from ..tasks.geometric import log2_factorial
 
 
+@plots.figure("geo_e0_margin", "geo_e0_noise")
 def margin_vs_d0(df: pd.DataFrame, y: str = "min_margin", title: str = "") -> plots.plt.Figure:
     """df: N, d0, <y> (mean over seeds), accuracy."""
     fig, ax = plots.new_figure()
@@ -24,6 +25,7 @@ def margin_vs_d0(df: pd.DataFrame, y: str = "min_margin", title: str = "") -> pl
     return fig
 
 
+@plots.figure("geo_e0_overlap")
 def overlap_dstar(df: pd.DataFrame) -> plots.plt.Figure:
     """df: C, N, Dstar; guides 6*C*ln N and 9*C*ln N."""
     fig, ax = plots.new_figure()
@@ -39,6 +41,7 @@ def overlap_dstar(df: pd.DataFrame) -> plots.plt.Figure:
     return fig
 
 
+@plots.figure("geo_e1_acc_vs_d")
 def acc_vs_d(df: pd.DataFrame) -> plots.plt.Figure:
     """df: runs with task.N, task.R, model.d_model, accuracy."""
     Rs = sorted(df["task.R"].unique())
@@ -55,6 +58,7 @@ def acc_vs_d(df: pd.DataFrame) -> plots.plt.Figure:
     return fig
 
 
+@plots.figure("geo_e1_dstar")
 def dstar_vs_logN(df: pd.DataFrame, alpha: float | None, beta: float | None,
                   bits: tuple[int, ...] = (4, 8, 16)) -> plots.plt.Figure:
     """df: N, R, dstar; fit line alpha*R*log2 N + beta; counting bounds R*log2(N!)/(N*b)."""
@@ -77,6 +81,7 @@ def dstar_vs_logN(df: pd.DataFrame, alpha: float | None, beta: float | None,
     return fig
 
 
+@plots.figure("geo_e2_frozen_width")
 def frozen_width(df: pd.DataFrame) -> plots.plt.Figure:
     """df: NR, mstar, regime."""
     fig, ax = plots.new_figure()
@@ -91,6 +96,7 @@ def frozen_width(df: pd.DataFrame) -> plots.plt.Figure:
     return fig
 
 
+@plots.figure("geo_e3_probes")
 def probes(df: pd.DataFrame) -> plots.plt.Figure:
     """df: label, r2_heldout, r2_shuffled, decoding, swap_success, swap_preservation (one row per model)."""
     cols = ["r2_heldout", "r2_shuffled", "decoding", "swap_success", "swap_preservation"]
@@ -107,6 +113,7 @@ def probes(df: pd.DataFrame) -> plots.plt.Figure:
     return fig
 
 
+@plots.figure("geo_e4_gating")
 def gating(selectivity: list[float], ablation: list[list[float]], R: int) -> plots.plt.Figure:
     fig, (a1, a2) = plots.new_figure(ncols=2, figsize=(8, 3.4))
     a1.hist(selectivity, bins=20, range=(0, 1), color=plots.COLORS[0])
@@ -121,6 +128,7 @@ def gating(selectivity: list[float], ablation: list[list[float]], R: int) -> plo
     return fig
 
 
+@plots.figure("geo_e5_transfer")
 def transfer(df: pd.DataFrame) -> plots.plt.Figure:
     """df: knob, T1_* methods, random, other_seed (means over seeds)."""
     cols = [c for c in ("T1_regress", "T1_regress_cv", "T1_inverse", "random", "other_seed") if c in df]
@@ -136,6 +144,7 @@ def transfer(df: pd.DataFrame) -> plots.plt.Figure:
     return fig
 
 
+@plots.figure("geo_e6_multihop")
 def multihop(df: pd.DataFrame) -> plots.plt.Figure:
     """df: k, cot, R, dstar."""
     fig, ax = plots.new_figure()

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import plots, report
+from .. import findings, plots
+from .scale import REQUIRED, make_scales
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 RELATIONS = ("P103", "P131", "P190", "P641", "P1412")
-N_DEFAULT = {"quick": 30, "paper": 500}
-K_DEFAULT = tuple(range(11))
+# n: CounterFact records per curve; ks: numbers of prepended context sentences
+SCALES = make_scales({"n": REQUIRED, "ks": tuple(range(11))}, quick={"n": 30}, paper={"n": 500})
 SEED = 0
 
 
@@ -78,7 +79,8 @@ def _score_model(lm, store, ds, data_sha, book, ks, n: int | None, force: bool, 
     return tables
 
 
-def _figure(curve: Curve, results: dict[str, dict[str, pd.DataFrame]]):
+@plots.figure("sub_{polarity}_accs", "sentence_{polarity}_{relation}")
+def curve_figure(curve: Curve, results: dict[str, dict[str, pd.DataFrame]]):
     fig, ax = plots.new_figure()
     for i, (model, summ) in enumerate(results.items()):
         s = summ.get(curve.key)
@@ -96,7 +98,8 @@ def _figure(curve: Curve, results: dict[str, dict[str, pd.DataFrame]]):
     return fig
 
 
-def _demo_figure(demos: dict[str, list[dict]]):
+@plots.figure("hijack-example")
+def demo_figure(demos: dict[str, list[dict]]):
     fig, axes = plots.new_figure(nrows=max(1, len(demos)), ncols=2, figsize=(8, 2.4 * max(1, len(demos))),
                                  squeeze=False)
     for row, (model, res) in enumerate(demos.items()):
@@ -110,13 +113,13 @@ def _demo_figure(demos: dict[str, list[dict]]):
     return fig
 
 
-def _checks(model: str, summ: dict[str, pd.DataFrame], ks: Sequence[int]) -> list[report.Check]:
+def _checks(model: str, summ: dict[str, pd.DataFrame], ks: Sequence[int]) -> list[findings.Check]:
     out = []
     k1 = 1 if 1 in ks else min(k for k in ks if k > 0)
     for c in CURVES:
         s = summ.get(c.key)
         if s is None or s.empty:
-            out.append(report.Check(f"{model}: {c.figure}", None, "missing", note="no records"))
+            out.append(findings.Check(f"{model}: {c.figure}", None, "missing", note="no records"))
             continue
         v = s.set_index("k")
         k0, kmax = min(ks), max(ks)
@@ -124,14 +127,14 @@ def _checks(model: str, summ: dict[str, pd.DataFrame], ks: Sequence[int]) -> lis
         if c.scheme == "generic_false":
             up = v.lo[k1] > v.hi[k0]
             stays = all(v.value[k] > v.hi[k0] for k in ks if k1 <= k <= 5)
-            out.append(report.trend(f"{model}: {c.figure} rises k={k0}->{k1} (CIs apart), stays up to k=5",
+            out.append(findings.trend(f"{model}: {c.figure} rises k={k0}->{k1} (CIs apart), stays up to k=5",
                                     up and stays, round(float(v.value[k1] - v.value[k0]), 3),
                                     "ES rises with k", note))
         elif c.scheme.endswith("false"):
-            out.append(report.trend(f"{model}: {c.figure} ES(k={kmax}) > ES(k={k0})", v.value[kmax] > v.value[k0],
+            out.append(findings.trend(f"{model}: {c.figure} ES(k={kmax}) > ES(k={k0})", v.value[kmax] > v.value[k0],
                                     round(float(v.value[kmax] - v.value[k0]), 3), "ES rises with k", note))
         else:
-            out.append(report.trend(f"{model}: {c.figure} ES(k={kmax}) < ES(k={k0})", v.value[kmax] < v.value[k0],
+            out.append(findings.trend(f"{model}: {c.figure} ES(k={kmax}) < ES(k={k0})", v.value[kmax] < v.value[k0],
                                     round(float(v.value[kmax] - v.value[k0]), 3), "ES falls with k", note))
     return out
 
@@ -149,12 +152,12 @@ def _example_table(records) -> str:
     return "\n".join(lines)
 
 
-def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool = False, n: int | None = None,
+def reproduce(out_dir, scale: str = "quick", force: bool = False, n: int | None = None,
               models: Sequence[str] | None = None, ks: Sequence[int] | None = None, device: str = "auto",
               dtype: str = "auto", device_map: str | None = None, revision: str | None = None,
               attn_implementation: str | None = None, chunk: int | None = None,
-              batch_tokens: int | None = None, explain: bool = True) -> report.Section:
-    """Score every curve for each model (``jobs`` is unused: one process scores one model at a time).
+              batch_tokens: int | None = None, explain: bool = True) -> findings.Section:
+    """Score every curve for each model, one model at a time.
 
     ``n``: records per curve (None: ``$ASSOCMEM_HIJACK_N`` or the scale's default; 0: all records).
     ``models``: bundled names, hub ids or local folders; ``device``/``dtype``/... go to ``load_model``.
@@ -164,18 +167,20 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
     from ..config import ConfigError
     from ..hijack.counterfact import load_counterfact
     from ..hijack.demo import EIFFEL_CONTEXT, EIFFEL_PROMPT, top_next_tokens
-    from ..hijack.evaluate import summarize
+    from ..hijack.evaluate import metric_curve
     from ..hijack.explain_report import explain_stored
     from ..hijack.explain_report import families as explain_families
     from ..hijack.schemes import load_schemes
     from ..hijack.store import ScoreStore
     from ..llm.models import load_model
 
+    if scale not in SCALES:
+        raise ValueError(f"scale: {scale!r} is not allowed (allowed: {', '.join(SCALES)})")
     out = Path(out_dir)
     if n is None:
-        n = int(os.environ.get("ASSOCMEM_HIJACK_N") or N_DEFAULT.get(scale, N_DEFAULT["quick"]))
+        n = int(os.environ.get("ASSOCMEM_HIJACK_N") or SCALES[scale].n)
     n_sel = int(n) or None                 # 0 = every record
-    ks = list(ks or K_DEFAULT)
+    ks = list(ks or SCALES[scale].ks)
     models = list(models or MODELS)
     t_start = time.perf_counter()
     ds = load_counterfact()
@@ -195,7 +200,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
                         attn_implementation=attn_implementation, progress=False)
         log["models"][name] = lm.meta | {"params": lm.n_params}
         tables = _score_model(lm, store, ds, data_sha, book, ks, n_sel, force, log, chunk, batch_tokens)
-        results[name] = {key: summarize(df, "es", seed=SEED) for key, df in tables.items()}
+        results[name] = {key: metric_curve(df, "es", seed=SEED) for key, df in tables.items()}
         demos[name] = [top_next_tokens(lm.model, lm.tokenizer, EIFFEL_PROMPT, c) for c in (None, EIFFEL_CONTEXT)]
         if explain:
             t0 = time.perf_counter()
@@ -210,23 +215,23 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
 
     figdir = out / "figures"
     families = []
-    fig1 = report.Family("Figure 1: top next tokens without and with a prepended sentence",
+    fig1 = findings.Family("Figure 1: top next tokens without and with a prepended sentence",
                          text=f"Prompt {EIFFEL_PROMPT!r}; context {EIFFEL_CONTEXT!r}.")
     if demos:
-        plots.save(_demo_figure(demos), figdir, "hijack-example")
+        plots.save(demo_figure(demos), figdir, "hijack-example")
         fig1.figures.append("figures/hijack-example.png")
     for name, res in demos.items():
         top0, top1 = res[0]["top"][0][0].strip(), res[1]["top"][0][0].strip()
-        fig1.checks.append(report.trend(f"{name}: top-1 without context is Paris", top0 == "Paris", top0, "Paris"))
-        fig1.checks.append(report.trend(f"{name}: top-1 with context is Chicago", top1 == "Chicago", top1,
+        fig1.checks.append(findings.trend(f"{name}: top-1 without context is Paris", top0 == "Paris", top0, "Paris"))
+        fig1.checks.append(findings.trend(f"{name}: top-1 with context is Chicago", top1 == "Chicago", top1,
                                         "Chicago (GPT-2)"))
     families.append(fig1)
     for group, curves in [("Generic prepends: 'Do not think of {target}.'", CURVES[:2]),
                           ("Relation sentences, false target (ES should rise)", CURVES[2:7]),
                           ("Relation sentences, true target (ES should fall)", CURVES[7:])]:
-        fam = report.Family(group)
+        fam = findings.Family(group)
         for c in curves:
-            plots.save(_figure(c, results), figdir, c.figure)
+            plots.save(curve_figure(c, results), figdir, c.figure)
             fam.figures.append(f"figures/{c.figure}.png")
         for name in results:
             fam.checks += [ch for ch in _checks(name, {c.key: results[name].get(c.key) for c in curves}, ks)
@@ -234,19 +239,19 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
         families.append(fam)
     for name in missing:
         from ..llm.models import BUNDLED
-        families[0].checks.append(report.Check(f"{name}: not installed", None, "missing",
+        families[0].checks.append(findings.Check(f"{name}: not installed", None, "missing",
                                                note=BUNDLED[name].install))
     for name, t in explained.items():
         families += explain_families(t, figdir, name)
     if unexplained:
-        families.append(report.Family("Mechanism lab", checks=[
-            report.Check(f"{name}: mechanism lab", None, "missing", note=why) for name, why in unexplained.items()]))
-    families.append(report.Family("Appendix: one CounterFact example per relation", text=_example_table(ds.records)))
+        families.append(findings.Family("Mechanism lab", checks=[
+            findings.Check(f"{name}: mechanism lab", None, "missing", note=why) for name, why in unexplained.items()]))
+    families.append(findings.Family("Appendix: one CounterFact example per relation", text=_example_table(ds.records)))
     rows = [{"model": m, "curve": k, **r} for m, res in results.items() for k, s in res.items()
             for r in s.to_dict("records")]
     if rows:
         io.atomic_write_parquet(pd.DataFrame(rows), out / "es_summary.parquet")
-    section = report.Section(
+    section = findings.Section(
         "hijack", "Context hijacking of language models on CounterFact (Jiang et al. 2024, LLM part)",
         intro=(f"Efficacy score (ROME: mean per-token NLL of the false target below the true one) vs number of "
                f"prepends k, on {f'a seeded subsample of n={n}' if n_sel else 'all'} records per curve (relation "
@@ -257,9 +262,8 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = 1, force: bool =
                   else "") + "; relation sentences are reconstructions. (record, k) pairs longer than a "
                "model's context are skipped and counted under 'skipped'."),
         families=families,
-        meta=report.run_meta(n=n_sel or "all", ks=f"{min(ks)}..{max(ks)}", seed=SEED, data=ds.source,
+        meta=findings.run_meta(n=n_sel or "all", ks=f"{min(ks)}..{max(ks)}", seed=SEED, data=ds.source,
                              data_sha256=data_sha, store=str(store.dir), entries=log["entries"], schemes=book.source,
                              separator=repr(book.separator), models=log["models"], skipped=log["skipped"],
                              scoring_wall_s=log["wall"], total_wall_s=round(time.perf_counter() - t_start, 1)))
-    report.write_report(section, out)
     return section

@@ -2,7 +2,7 @@
 
 ``reproduce(out_dir, scale, jobs, force)`` runs every training through ``sweep.run_configs`` into
 ``RunStore(out_dir)``, computes the construction checks directly, draws the figures into
-``out_dir/figures/`` and writes ``report.md``/``report.html``.
+``out_dir/figures/`` and returns the report's Section (``report.write_report`` renders it).
 
 Scales (CPU budgets):
   quick  d = 128, T = 128, 300 steps (fig. 3/4, WS models), batch 32, T_test = 256/512; prompts and
@@ -13,7 +13,6 @@ Scales (CPU budgets):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,63 +20,63 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import plots, report
+from .. import findings, plots
 from ..config import replace
 from ..registry import get_task, run_id
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
-from ..analysis.induction import delayed_batch, evaluate
 from ..runners.induction import load_model
-from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats
+from ..runners.induction_probes import batch_metrics
+from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats
 from ..theory.induction import build_amt
-from . import induction_plots as ip, induction_ws
+from . import induction_plots, induction_ws
+from .scale import REQUIRED, Scale, make_scales
 
 TABLE_C2 = {(1, False): (0.066, 0.062), (1, True): (0.152, 0.148), (3, False): (0.159, 0.148),
             (3, True): (0.237, 0.225), (5, False): (0.240, 0.222), (5, True): (0.325, 0.307),
             (10, False): (0.389, 0.357), (10, True): (0.382, 0.347)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    d: int
-    T: int
-    steps: int
-    batch: int
-    eval_batch: int
-    T_test: tuple[int, ...]
-    long_batch: int
-    d4: int                 # fig. 4 grid width / length
-    T4: int
-    steps4: int
-    data_seqs: int          # sequences for the data checks
-    constr_seqs: int        # sequences for the construction checks at T = 256
-    delay_seqs: int
-    per_cell: int           # hijack prompts per cell
-    seeds: tuple[int, ...] = (0,)
-    generic_steps: int = 1500
-    gap: int = 20           # filler tokens between inserted (q, o) pairs
-    lr: float = 0.03        # fig. 3 runs (README: 0.03 at batch 512)
-    lr4: float = 0.3        # fig. 4 grid
-    lr_ws: float = 0.3      # WS APE/RPE models (random triggers, linear W_F, full loss)
-    lr_generic: float = 0.003   # spec 0.01: does not train at d = T = 64 (see docs/induction.md)
-    d_gen: int = 64         # generic model width and length (spec's Fig. 2: d = 128, T = 256; CPU budget)
-    T_gen: int = 64
-    batch_gen: int = 64     # generic model batch (spec)
-    batch_rest: int = 32    # freeze variants, fig. 4 grid and WS models (fig. 3 main run: ``batch``)
-    eval_every: int = 25
-
-
-SCALES = {
-    "smoke": Scale(d=32, T=32, steps=20, batch=8, eval_batch=8, T_test=(64,), long_batch=4,
-                   d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
-                   generic_steps=10, gap=2, d_gen=32, T_gen=32, batch_gen=8),   # pipeline test only
-    "quick": Scale(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
-                   d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=20,
-                   lr=0.1, lr4=0.3, lr_ws=0.3),
-    "paper": Scale(d=256, T=256, steps=1000, batch=512, eval_batch=512, eval_every=50, T_test=(512, 1024), long_batch=24,
-                   d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=64, per_cell=20,
-                   lr=0.03, lr4=0.3, lr_ws=0.1),
+DEFAULTS = {
+    "d": REQUIRED,
+    "T": REQUIRED,
+    "steps": REQUIRED,
+    "batch": REQUIRED,
+    "eval_batch": REQUIRED,
+    "T_test": REQUIRED,
+    "long_batch": REQUIRED,
+    "d4": REQUIRED,                  # fig. 4 grid width / length
+    "T4": REQUIRED,
+    "steps4": REQUIRED,
+    "data_seqs": REQUIRED,           # sequences for the data checks
+    "constr_seqs": REQUIRED,         # sequences for the construction checks at T = 256
+    "delay_seqs": REQUIRED,
+    "per_cell": REQUIRED,            # hijack prompts per cell
+    "seeds": (0,),
+    "generic_steps": 1500,
+    "gap": 20,                       # filler tokens between inserted (q, o) pairs
+    "lr": 0.03,                      # fig. 3 runs (README: 0.03 at batch 512)
+    "lr4": 0.3,                      # fig. 4 grid
+    "lr_ws": 0.3,                    # WS APE/RPE models (random triggers, linear W_F, full loss)
+    "lr_generic": 0.003,             # spec 0.01: does not train at d = T = 64 (see docs/induction.md)
+    "d_gen": 64,                     # generic model width and length (spec's Fig. 2: d = 128, T = 256; CPU budget)
+    "T_gen": 64,
+    "batch_gen": 64,                 # generic model batch (spec)
+    "batch_rest": 32,                # freeze variants, fig. 4 grid and WS models (fig. 3 main run: ``batch``)
+    "eval_every": 25,
 }
+SCALES = make_scales(
+    DEFAULTS,
+    smoke=dict(d=32, T=32, steps=20, batch=8, eval_batch=8, T_test=(64,), long_batch=4,
+               d4=32, T4=32, steps4=20, data_seqs=32, constr_seqs=8, delay_seqs=2, per_cell=1,
+               generic_steps=10, gap=2, d_gen=32, T_gen=32, batch_gen=8),   # pipeline test only
+    quick=dict(d=128, T=128, steps=300, batch=32, eval_batch=64, T_test=(256, 512), long_batch=16,
+               d4=64, T4=64, steps4=300, data_seqs=512, constr_seqs=64, delay_seqs=12, per_cell=20,
+               lr=0.1, lr4=0.3, lr_ws=0.3),
+    paper=dict(d=256, T=256, steps=1000, batch=512, eval_batch=512, eval_every=50, T_test=(512, 1024), long_batch=24,
+               d4=128, T4=128, steps4=600, data_seqs=512, constr_seqs=256, delay_seqs=64, per_cell=20,
+               lr=0.03, lr4=0.3, lr_ws=0.1),
+)
 
 
 def _base(sc: Scale, data_path: str) -> dict:
@@ -118,62 +117,62 @@ def _trained(store: RunStore, spec, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-def _data_family(st, sc: Scale) -> report.Family:
-    checks = [report.compare("C-1 vocabulary size N", float(st.N), 65, 0),
-              report.compare("C-1 characters", float(st.n_chars), 1_115_394, 0),
-              report.compare("C-1 pairs", float(st.bigram_counts.sum()), 1_115_393, 0),
-              report.compare("C-1 pi_u(space)", float(st.pi_u[1]), 0.1523, 5e-5),
-              report.trend("C-1 top-5 unigrams = space e t o a", [st.chars[i] for i in st.top_tokens(5)] == list(" etoa"),
+def _data_family(st, sc: Scale) -> findings.Family:
+    checks = [findings.compare("C-1 vocabulary size N", float(st.N), 65, 0),
+              findings.compare("C-1 characters", float(st.n_chars), 1_115_394, 0),
+              findings.compare("C-1 pairs", float(st.bigram_counts.sum()), 1_115_393, 0),
+              findings.compare("C-1 pi_u(space)", float(st.pi_u[1]), 0.1523, 5e-5),
+              findings.trend("C-1 top-5 unigrams = space e t o a", [st.chars[i] for i in st.top_tokens(5)] == list(" etoa"),
                            "".join(st.chars[i] for i in st.top_tokens(5)).replace(" ", "␣")),
-              report.trend("C-1 fixed K=5 trigger ids {1,43,58,53,39}", st.top_tokens(5).tolist() == [1, 43, 58, 53, 39],
+              findings.trend("C-1 fixed K=5 trigger ids {1,43,58,53,39}", st.top_tokens(5).tolist() == [1, 43, 58, 53, 39],
                            str(st.top_tokens(5).tolist())),
-              report.compare("C-1 pi_u-weighted entropy of pi_b (nats)", st.bigram_entropy(), 2.4526, 1e-4)]
+              findings.compare("C-1 pi_u-weighted entropy of pi_b (nats)", st.bigram_entropy(), 2.4526, 1e-4)]
     for (K, fixed), (r1, r2) in TABLE_C2.items():
         ds = TriggerBigram(st, 256, K, fixed)
         b = ds.sample(sc.data_seqs * 4, torch.Generator().manual_seed(1000 + K))
         s2 = float((b.outs >= 2).float().mean())
-        checks.append(report.compare(f"C-2 share outs>=2, K={K} {'fixed' if fixed else 'random'}", s2, r2, 0.01,
+        checks.append(findings.compare(f"C-2 share outs>=2, K={K} {'fixed' if fixed else 'random'}", s2, r2, 0.01,
                                      note=f"{sc.data_seqs * 4} seqs; spec = one 512-seq draw (sd up to 0.012)"))
     ds = TriggerBigram(st, 256, 3, False)
     b = ds.sample(sc.data_seqs, torch.Generator().manual_seed(7))
     m = b.outs == 0
     ce = float(-torch.log(st.pi_b[b.x[m], b.y[m]]).mean())
-    checks.append(report.compare("C-3 true-bigram CE at outs=0 (K=3 random)", ce, 2.319, 0.03))
-    return report.Family("Data: bigram with triggers (tiny Shakespeare)", checks=checks,
+    checks.append(findings.compare("C-3 true-bigram CE at outs=0 (K=3 random)", ce, 2.319, 0.03))
+    return findings.Family("Data: bigram with triggers (tiny Shakespeare)", checks=checks,
                          text="Statistics computed from the text; generator shares over fresh sequences.")
 
 
-def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, pd.DataFrame]:
+def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[findings.Family, pd.DataFrame]:
     ds = TriggerBigram(st, 256, 3, True)
     b = ds.sample(sc.constr_seqs, torch.Generator().manual_seed(5))
     checks, delay_rows = [], []
     res = {}
     for pos, lab in (("ape", "APE"), ("rel_bias", "RPE")):
         m = build_amt(st.pi_b, pos=pos, key_tokens=ds.fixed)
-        r = evaluate(m, b.x[None], b.y[None], b.outs[None])
+        r = batch_metrics(m, b.x[None], b.y[None], b.outs[None])
         res[pos] = r
-        checks.append(report.compare(f"C-6 construction acc_end T=256 ({lab})", float(r["acc_end"]), 0.997, 0.01))
-        checks.append(report.compare(f"C-6 layer-1 previous-token acc ({lab})", float(r["prev_tok_all"]),
+        checks.append(findings.compare(f"C-6 construction acc_end T=256 ({lab})", float(r["acc_end"]), 0.997, 0.01))
+        checks.append(findings.compare(f"C-6 layer-1 previous-token acc ({lab})", float(r["prev_tok_all"]),
                                      0.999 if pos == "ape" else 1.0, 0.01))
         for L0 in (0, 256, 768):
             if L0 + 256 > 1024:
                 continue
             bd = delayed_batch(ds, sc.delay_seqs, L0, torch.Generator().manual_seed(60 + L0))
             ch = max(1, 32 * 256 // (256 + L0))
-            rd = evaluate(m, bd.x[None], bd.y[None], bd.outs[None], chunk=ch)
+            rd = batch_metrics(m, bd.x[None], bd.y[None], bd.outs[None], chunk=ch)
             # prompts where some trigger's output is itself a trigger repeat it (up to ~250 in-context
             # positions) and are copied by any context average: they dominate the pooled accuracy
             keep = ~bd.chained()
-            rk = evaluate(m, bd.x[None, keep], bd.y[None, keep], bd.outs[None, keep], chunk=ch) if keep.any() else {}
+            rk = batch_metrics(m, bd.x[None, keep], bd.y[None, keep], bd.outs[None, keep], chunk=ch) if keep.any() else {}
             delay_rows.append({"model": f"construction {lab}", "L0": L0, "acc_end": float(rd["acc_end"]),
                                "prev_all": float(rd["prev_tok_all"]), "chain_prompts": int((~keep).sum()),
                                "acc_end_no_chain": float(rk.get("acc_end", float("nan")))})
     m0 = build_amt(st.pi_b, pos="rel_bias", key_tokens=ds.fixed, lam=0.0)
-    r0 = evaluate(m0, b.x[None], b.y[None], b.outs[None])
-    checks.append(report.compare("C-6 lambda=0: acc_end (global only)", float(r0["acc_end"]), 0.022, 0.02))
-    checks.append(report.compare("C-6 lambda=0: bigram CE", float(r0["loss_bigram"]), 2.50, 0.1,
+    r0 = batch_metrics(m0, b.x[None], b.y[None], b.outs[None])
+    checks.append(findings.compare("C-6 lambda=0: acc_end (global only)", float(r0["acc_end"]), 0.022, 0.02))
+    checks.append(findings.compare("C-6 lambda=0: bigram CE", float(r0["loss_bigram"]), 2.50, 0.1,
                                  note="ours = CE of softmax(log(pi_b+1e-3)) at outs=0"))
-    checks.append(report.compare("C-6 lambda=20: bigram CE (diffuse layer 2)", float(res["ape"]["loss_bigram"]),
+    checks.append(findings.compare("C-6 lambda=20: bigram CE (diffuse layer 2)", float(res["ape"]["loss_bigram"]),
                                  5.9, 0.5, note="APE; RPE: %.2f" % float(res["rel_bias"]["loss_bigram"])))
     ref = {("APE", 0): 0.997, ("RPE", 0): 0.997, ("APE", 256): 0.066, ("RPE", 256): 1.0,
            ("APE", 768): 0.017, ("RPE", 768): 1.0}
@@ -181,19 +180,19 @@ def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[report.Family, p
     for (lab, L0), row in by.items():
         note = (f"{sc.delay_seqs} prompts, {row['chain_prompts']} with an output that is itself a trigger; "
                 f"without those: {row['acc_end_no_chain']:.3f}") if L0 > 0 else ""
-        checks.append(report.compare(f"C-7 delayed L0={L0} acc_end ({lab})", row["acc_end"], ref[lab, L0], 0.02,
+        checks.append(findings.compare(f"C-7 delayed L0={L0} acc_end ({lab})", row["acc_end"], ref[lab, L0], 0.02,
                                      note=note))
         if lab == "APE" and L0 > 0:
-            checks.append(report.compare(f"C-7 APE previous-token acc, L0={L0}", row["prev_all"],
+            checks.append(findings.compare(f"C-7 APE previous-token acc, L0={L0}", row["prev_all"],
                                          256 / (256 + L0), 0.02))
     beyond = [L0 for (lab, L0) in by if lab == "APE" and L0 > 0]
     if beyond:
         ape = max(by["APE", L0]["acc_end"] for L0 in beyond)
         rpe = min(by["RPE", L0]["acc_end"] for L0 in beyond)
-        checks.append(report.trend("C-7 pairs only beyond T_train: APE far below RPE (<= 0.3 vs >= 0.99)",
+        checks.append(findings.trend("C-7 pairs only beyond T_train: APE far below RPE (<= 0.3 vs >= 0.99)",
                                    ape <= 0.3 and rpe >= 0.99, f"APE <= {ape:.3f}, RPE >= {rpe:.3f}",
                                    "APE 0.066 / 0.017, RPE 1.0"))
-    return report.Family("Calibrated construction: in-context accuracy and APE vs RPE (C-6, C-7)", checks=checks,
+    return findings.Family("Calibrated construction: in-context accuracy and APE vs RPE (C-6, C-7)", checks=checks,
                          text="Spec's calibrated AM construction (d=256, random N(0,1/d) value maps, "
                               "beta=30, lambda=20, mu=1, fixed triggers {space,e,t})."), pd.DataFrame(delay_rows)
 
@@ -230,7 +229,7 @@ def training_configs(sc: Scale, data_path: str = DEFAULT_DATA_PATH):
 
 # ---------------------------------------------------------------------------------------------
 def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None, force: bool = False,
-              data_path: str = DEFAULT_DATA_PATH, backend=None) -> report.Section:
+              data_path: str = DEFAULT_DATA_PATH, backend=None) -> findings.Section:
     t_start = time.perf_counter()
     sc = SCALES[scale]
     out = Path(out_dir)
@@ -239,7 +238,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
     spec = get_task("induction")
     st = load_stats(data_path)
     backend = backend or LocalBackend(jobs or 1)
-    families: list[report.Family] = []
+    families: list[findings.Family] = []
     timings = {}
 
     # ---- data and construction (no training) ------------------------------------------------
@@ -273,30 +272,30 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
         m = rec(c)["metrics"]
         var_rows += [{"step": s, "variant": name, "acc_end": v} for s, v in
                      zip(m["eval_curves"]["step"] + [sc.steps], m["eval_curves"]["acc_end_test"] + [m["acc_end"]])]
-    plots.save(ip.probe_curves(pd.DataFrame(rows), pd.DataFrame(var_rows)), fig_dir, "birth_fig3_probes")
+    plots.save(induction_plots.probe_curves(pd.DataFrame(rows), pd.DataFrame(var_rows)), fig_dir, "birth_fig3_probes")
     first_acc = ev["acc_end_test"][0] if ev["acc_end_test"] else float("nan")
     t_wo1, t_wk1, t_wk0, t_wk064 = (r.get(f"t50_{k}") for k in ("wo1", "wk1", "wk0", "wk0_64"))
     order_ok = _le(t_wo1, t_wk1) and _le(t_wk1, t_wk0)
     th = {k: _half_rise(cur["step"], cur[k]) for k in ("wo1", "wk1", "wk0", "wk0_64")}
-    checks = [report.compare(f"C-10 acc_end after training (README config, batch {sc.batch})", r["acc_end"], 1.0, 0.1,
+    checks = [findings.compare(f"C-10 acc_end after training (README config, batch {sc.batch})", r["acc_end"], 1.0, 0.1,
                              note=f"{sc.steps} steps, d={sc.d}, T={sc.T}; threshold 0.9"),
-              report.trend("C-10 probes reach 0.5 top-down: wo1 <= wk1 <= wk0", order_ok,
+              findings.trend("C-10 probes reach 0.5 top-down: wo1 <= wk1 <= wk0", order_ok,
                            f"steps {t_wo1}, {t_wk1}, {t_wk0}"),
-              report.trend("C-10 probes rise top-down, halfway from initial to final value: wo1 <= wk1 <= wk0",
+              findings.trend("C-10 probes rise top-down, halfway from initial to final value: wo1 <= wk1 <= wk0",
                            _le(th["wo1"], th["wk1"]) and _le(th["wk1"], th["wk0"]),
                            "steps {wo1}, {wk1}, {wk0} (wk0_64 {wk0_64}); final values {f}".format(
                                **th, f=", ".join(f"{cur[k][-1]:.2f}" for k in ("wo1", "wk1", "wk0", "wk0_64")))),
-              report.trend("C-10 wk0_64 before wk0", t_wk064 is not None and (t_wk0 is None or t_wk064 <= t_wk0),
+              findings.trend("C-10 wk0_64 before wk0", t_wk064 is not None and (t_wk0 is None or t_wk064 <= t_wk0),
                            f"steps {t_wk064}, {t_wk0}"),
-              report.trend("C-10 top-down order with wk1 over all tokens (WS APE model, random triggers): wo1 <= wk1",
+              findings.trend("C-10 top-down order with wk1 over all tokens (WS APE model, random triggers): wo1 <= wk1",
                            _le(rec(ws["ape"])["metrics"].get("t50_wo1"), rec(ws["ape"])["metrics"].get("t50_wk1")),
                            "steps wo1 {}, wk1 {}, wk0_64 {}, wk0 {}".format(*(rec(ws["ape"])["metrics"].get(f"t50_{k}")
                                                                           for k in ("wo1", "wk1", "wk0_64", "wk0")))),
-              report.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
+              findings.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
     for n, c in zip(("W_O2", "W_K2", "W_K1"), freeze):
-        checks.append(report.Check(f"acc_end with {n} frozen until step {int(0.3 * sc.steps)}",
+        checks.append(findings.Check(f"acc_end with {n} frozen until step {int(0.3 * sc.steps)}",
                                    rec(c)["metrics"]["acc_end"], "trend only"))
-    families.append(report.Family("Birth Fig. 3: memory-recall probes and freeze schedules",
+    families.append(findings.Family("Birth Fig. 3: memory-recall probes and freeze schedules",
                                   ["figures/birth_fig3_probes.png"], checks,
                                   "Simplified model, README config (K=5 fixed triggers, in-context loss, SGD momentum 0.9, "
                                   f"wd 1e-4) at batch {sc.batch} (spec 512), lr {sc.lr} (spec 0.03), d={sc.d}, T={sc.T}; "
@@ -314,27 +313,27 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
                  for s, v in zip(ec["step"] + [sc.steps4], ec["acc_end_test"] + [m["acc_end"]])]
         summary[name] = m
         summary[name]["_t_acc"] = m.get("t50_acc_end")
-    plots.save(ip.data_curves(pd.DataFrame(rows)), fig_dir, "birth_fig4_data")
+    plots.save(induction_plots.data_curves(pd.DataFrame(rows)), fig_dir, "birth_fig4_data")
 
     def tacc(n):
         v = summary[n].get("t50_acc_end")
         return float("inf") if v is None or (isinstance(v, float) and math.isnan(v)) else v
     k_times = [tacc(f"K={K} random") for K in (1, 3, 5, 10)]
-    checks = [report.Check(f"final acc_end, {n}", m["acc_end"], "trend only",
+    checks = [findings.Check(f"final acc_end, {n}", m["acc_end"], "trend only",
                            note=f"loss_bigram {m['loss_bigram']:.2f}") for n, m in summary.items()]
-    checks.append(report.trend("C-12b more triggers -> induction head forms earlier (t50 of acc_end, K=1,3,5,10)",
+    checks.append(findings.trend("C-12b more triggers -> induction head forms earlier (t50 of acc_end, K=1,3,5,10)",
                                k_times[-1] <= k_times[0], str(k_times)))
-    checks.append(report.trend("C-12b bigram outputs slow the head (vs uniform, K=5 random)",
+    checks.append(findings.trend("C-12b bigram outputs slow the head (vs uniform, K=5 random)",
                                tacc("K=5 bigram outputs") >= tacc("K=5 random"),
                                f"{tacc('K=5 bigram outputs')} vs {tacc('K=5 random')}"))
     ood_r = summary["K=5 random, OOD outputs"]["acc_end"]
     ood_f = summary["K=5 fixed, OOD outputs"]["acc_end"]
-    checks.append(report.trend("C-12b random triggers generalise to held-out outputs better than fixed",
+    checks.append(findings.trend("C-12b random triggers generalise to held-out outputs better than fixed",
                                ood_r >= ood_f, f"{ood_r:.3f} vs {ood_f:.3f}"))
     lb = summary["K=5 random"]["curves"]["loss_bigram"]
-    checks.append(report.trend("C-11 loss_bigram reaches 2.3-2.6 (K=5 random, W_F, full loss)",
+    checks.append(findings.trend("C-11 loss_bigram reaches 2.3-2.6 (K=5 random, W_F, full loss)",
                                min(lb) <= 2.6, round(min(lb), 3)))
-    families.append(report.Family("Birth Fig. 4: data effects (linear W_F, loss on all positions)",
+    families.append(findings.Family("Birth Fig. 4: data effects (linear W_F, loss on all positions)",
                                   ["figures/birth_fig4_data.png"], checks,
                                   f"d={sc.d4}, T={sc.T4}, {sc.steps4} steps, batch {sc.batch_rest}, lr {sc.lr4}; OOD: train outputs "
                                   "ids < 48, test outputs ids >= 48 (acc_end is on the held-out outputs)."))
@@ -362,14 +361,14 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
         labels = [st.chars[int(t)].replace("\n", "\\n").replace(" ", "␣") for t in bb.x[i, sl]]
         marks = [int(j) - lo for j in torch.nonzero(outs[sl] >= 1)[:, 0] + lo]
         maps.append((f"{name} triggers", a1, a2, labels, marks))
-        checks.append(report.Check(f"generic model ({name} triggers): acc_end", rc["metrics"]["acc_end"],
+        checks.append(findings.Check(f"generic model ({name} triggers): acc_end", rc["metrics"]["acc_end"],
                                    "trend only", note=f"layer-1 prev-token {rc['metrics']['prev_tok']:.2f}, "
                                                       f"layer-2 induction attn {rc['metrics']['ind_attn']:.2f}"))
-    checks.append(report.trend("C-12 layer-2 attends to the earlier successor (random triggers, ind_attn > 0.5)",
+    checks.append(findings.trend("C-12 layer-2 attends to the earlier successor (random triggers, ind_attn > 0.5)",
                                rec(generic["random"])["metrics"]["ind_attn"] > 0.5,
                                rec(generic["random"])["metrics"]["ind_attn"]))
-    plots.save(ip.attention_maps(maps), fig_dir, "birth_fig2_attention")
-    families.append(report.Family("Birth Fig. 2: attention maps of the generic transformer",
+    plots.save(induction_plots.attention_maps(maps), fig_dir, "birth_fig2_attention")
+    families.append(findings.Family("Birth Fig. 2: attention maps of the generic transformer",
                                   ["figures/birth_fig2_attention.png"], checks,
                                   f"2 layers, 1 head, d={sc.d_gen}, T={sc.T_gen}, pre-LN, AdamW lr {sc.lr_generic}, batch {sc.batch_gen}, {sc.generic_steps} steps; "
                                   "red ticks: trigger positions."))
@@ -383,14 +382,13 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
     families.append(fam_h)
     timings["hijack"] = time.perf_counter() - t0
 
-    section = report.Section(
+    section = findings.Section(
         key="induction", title="Induction heads as associative memories (Birth of a Transformer; Wang & Sato)",
         intro=(f"Scale `{scale}`. Runs: {len(rep.run_ids)} ({rep.ran} trained now, {rep.skipped} reused, "
                f"{rep.failed} failed). Fig. 3 main run at batch {sc.batch}, all other trainings at batch "
                f"{sc.batch_rest} (spec 512; CPU budget); see docs/induction.md for reconstructed choices."),
         families=families,
-        meta=report.run_meta(scale=scale, wall_s=round(time.perf_counter() - t_start, 1),
+        meta=findings.run_meta(scale=scale, wall_s=round(time.perf_counter() - t_start, 1),
                              **{f"time {k} (s)": round(v, 1) for k, v in timings.items()}))
     hj.to_csv(out / "hijack_outcomes.csv", index=False)
-    report.write_report(section, out)
     return section

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..plots import COLORS, STYLE
+from ..plots import COLORS, STYLE, figure
 
 
 def _subplots(n: int, m: int = 1, w: float = 4.2, h: float = 3.2):
@@ -15,6 +15,7 @@ def _subplots(n: int, m: int = 1, w: float = 4.2, h: float = 3.2):
     return fig, axes
 
 
+@figure("birth_fig3_probes")
 def probe_curves(df: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     """df: step, metric, value (main run); variants: step, variant, acc_end (freeze variants)."""
     fig, ax = _subplots(2)
@@ -29,6 +30,7 @@ def probe_curves(df: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@figure("birth_fig4_data")
 def data_curves(df: pd.DataFrame, metrics=("loss_bigram", "loss_head", "acc_end", "acc_end_test", "ff1")) -> plt.Figure:
     """df: step, variant, metric, value."""
     fig, ax = _subplots(len(metrics), w=3.4)
@@ -41,6 +43,7 @@ def data_curves(df: pd.DataFrame, metrics=("loss_bigram", "loss_head", "acc_end"
     return fig
 
 
+@figure("birth_fig2_attention")
 def attention_maps(maps: list[tuple[str, np.ndarray, np.ndarray, list[str], list[int]]]) -> plt.Figure:
     """maps: (title, attn1 [n,n], attn2 [n,n], token labels, marked positions)."""
     fig, ax = _subplots(2, len(maps), w=4.0, h=3.8)
@@ -60,6 +63,7 @@ def attention_maps(maps: list[tuple[str, np.ndarray, np.ndarray, list[str], list
     return fig
 
 
+@figure("ws_length_buckets")
 def bucket_curves(df: pd.DataFrame) -> plt.Figure:
     """df: model, T_test, bucket_start, acc, prev (per position bucket)."""
     fig, ax = _subplots(2)
@@ -75,6 +79,7 @@ def bucket_curves(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@figure("ws_delay")
 def delay_curves(df: pd.DataFrame) -> plt.Figure:
     """df: model, L0, acc_end."""
     fig, ax = _subplots(1)
@@ -85,6 +90,13 @@ def delay_curves(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _model_and_rule(ax: plt.Axes, x, model_y, rule_y, color: str, label: str) -> None:
+    """A trained model's curve (solid, markers) and the closed-form rule's (dashed) in one colour."""
+    ax.plot(x, model_y, marker="o", color=color, label=label)
+    ax.plot(x, rule_y, ls="--", color=color, lw=1)
+
+
+@figure("ws_hijack_fraction")
 def hijack_fraction(df: pd.DataFrame) -> plt.Figure:
     """df rows (single + conflict prompts): model, frac_o, model_o_wins, rule_o_wins, gap_model, gap_rule."""
     fig, ax = _subplots(2)
@@ -92,29 +104,27 @@ def hijack_fraction(df: pd.DataFrame) -> plt.Figure:
         c = COLORS[i % len(COLORS)]
         agg = g.groupby("frac_o").agg(win=("model_o_wins", "mean"), rule=("rule_o_wins", "mean"),
                                      gap=("gap_model", "mean"), gap_rule=("gap_rule", "mean")).reset_index()
-        ax[0, 0].plot(agg["frac_o"], agg["win"], marker="o", color=c, label=model)
-        ax[0, 0].plot(agg["frac_o"], agg["rule"], ls="--", color=c, lw=1)
-        ax[0, 1].plot(agg["frac_o"], agg["gap"], marker="o", color=c, label=model)
-        ax[0, 1].plot(agg["frac_o"], agg["gap_rule"], ls="--", color=c, lw=1)
+        _model_and_rule(ax[0, 0], agg["frac_o"], agg["win"], agg["rule"], c, model)
+        _model_and_rule(ax[0, 1], agg["frac_o"], agg["gap"], agg["gap_rule"], c, model)
     ax[0, 0].set(xlabel="n_o / |S|", ylabel="in-context win rate", title="solid: model, dashed: closed form")
     ax[0, 1].set(xlabel="n_o / |S|", ylabel="logit gap xi(o) - xi(b)")
     ax[0, 0].legend(fontsize=7)
     return fig
 
 
+@figure("ws_hijack_logprob")
 def hijack_logprob(df: pd.DataFrame) -> plt.Figure:
     """df rows (single family): model, log_pi_o, model_o_wins, rule_o_wins."""
     fig, ax = _subplots(1)
     for i, (model, g) in enumerate(df.groupby("model", sort=False)):
-        c = COLORS[i % len(COLORS)]
         agg = g.groupby("log_pi_o").agg(win=("model_o_wins", "mean"), rule=("rule_o_wins", "mean")).reset_index()
-        ax[0, 0].plot(agg["log_pi_o"], agg["win"], marker="o", color=c, label=model)
-        ax[0, 0].plot(agg["log_pi_o"], agg["rule"], ls="--", color=c, lw=1)
+        _model_and_rule(ax[0, 0], agg["log_pi_o"], agg["win"], agg["rule"], COLORS[i % len(COLORS)], model)
     ax[0, 0].set(xlabel="log pi_b(o | q)", ylabel="in-context win rate", title="solid: model, dashed: closed form")
     ax[0, 0].legend(fontsize=7)
     return fig
 
 
+@figure("ws_hijack_conflict")
 def hijack_conflict(df: pd.DataFrame) -> plt.Figure:
     """df rows (conflict family): model, cell, model_o_wins, model_o2_wins, model_b_wins."""
     models = list(dict.fromkeys(df["model"]))
@@ -131,6 +141,7 @@ def hijack_conflict(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@figure("ws_hijack_distance")
 def hijack_distance(df: pd.DataFrame) -> plt.Figure:
     """df rows (distance family): model, x (distance to the end), start, model_o_wins."""
     fig, ax = _subplots(1)

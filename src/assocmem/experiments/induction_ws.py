@@ -12,16 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import plots, report
+from .. import findings, plots
 from ..analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
 from ..tasks.induction import CharStats
 from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
-from . import induction_plots as ip
+from . import induction_plots
 
 LABEL = {"ape": "APE", "rel_bias": "RPE"}
 
 
-def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataFrame) -> report.Family:
+def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataFrame) -> findings.Family:
     """C-13: per-bucket accuracy at T_test > T_train, and the delay plot (constructions from
     ``delay_df`` plus the trained models)."""
     rows, delay_rows, checks = [], [], []
@@ -34,20 +34,20 @@ def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataF
                 rows.append({"model": f"trained {lab}", "T_test": Tt, "bucket_start": j * c.eval.bucket, "acc": a,
                              "prev": p, "T_train": sc.T})
             delay_rows.append({"model": f"trained {lab}", "L0": Tt - sc.T, "acc_end": m[f"acc_end_T{Tt}"]})
-        checks.append(report.Check(f"trained {lab}: acc_end at T_train={sc.T}", m["acc_end"], "trend only"))
+        checks.append(findings.Check(f"trained {lab}: acc_end at T_train={sc.T}", m["acc_end"], "trend only"))
     delay_df = pd.concat([delay_df, pd.DataFrame(delay_rows)], ignore_index=True)
-    plots.save(ip.bucket_curves(pd.DataFrame(rows)), fig_dir, "ws_length_buckets")
-    plots.save(ip.delay_curves(delay_df), fig_dir, "ws_delay")
+    plots.save(induction_plots.bucket_curves(pd.DataFrame(rows)), fig_dir, "ws_length_buckets")
+    plots.save(induction_plots.delay_curves(delay_df), fig_dir, "ws_delay")
     ra, rr = metrics["ape"], metrics["rel_bias"]
     Tm = max(sc.T_test)
-    checks.append(report.trend(f"C-13 RPE keeps in-context accuracy beyond T_train (T_test={Tm}) within 0.1 of in-range",
+    checks.append(findings.trend(f"C-13 RPE keeps in-context accuracy beyond T_train (T_test={Tm}) within 0.1 of in-range",
                                rr[f"acc_end_T{Tm}"] >= rr["acc_end"] - 0.1, f"{rr[f'acc_end_T{Tm}']:.3f} vs {rr['acc_end']:.3f}"))
-    checks.append(report.trend(f"C-13 APE drops toward the global-only level beyond T_train (T_test={Tm})",
+    checks.append(findings.trend(f"C-13 APE drops toward the global-only level beyond T_train (T_test={Tm})",
                                ra[f"acc_end_T{Tm}"] <= 0.5 * ra["acc_end"], f"{ra[f'acc_end_T{Tm}']:.3f} vs {ra['acc_end']:.3f}"))
-    checks.append(report.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
+    checks.append(findings.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
                                ra[f"prev_tok_T{Tm}"] < rr[f"prev_tok_T{Tm}"] - 0.2,
                                f"APE {ra[f'prev_tok_T{Tm}']:.3f}, RPE {rr[f'prev_tok_T{Tm}']:.3f}"))
-    return report.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
+    return findings.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
                          ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
                          f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss, lr {sc.lr_ws}, {sc.steps} steps); RPE = learned "
                          "relative bias in layer 1 (lr x100). Delay plot: constructions (T_train=256) and trained models.")
@@ -64,7 +64,7 @@ def _hijack_rows(model, fams, ell, lam, mu, pi_b, name, empty) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[report.Family, pd.DataFrame]:
+def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findings.Family, pd.DataFrame]:
     """C-8 and C-14: the prompt families (query 'a') on the constructions and the trained models;
     returns the family and the per-prompt outcome table."""
     ell = centred_log_bigram(st.pi_b)
@@ -95,27 +95,27 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[repor
     hj = pd.concat(tables, ignore_index=True)
     hj_alt = pd.concat(alt, ignore_index=True)
     hj["T_train"] = L
-    plots.save(ip.hijack_fraction(hj[hj.family.isin(["single", "conflict"])]), fig_dir, "ws_hijack_fraction")
-    plots.save(ip.hijack_logprob(hj[hj.family == "single"]), fig_dir, "ws_hijack_logprob")
-    plots.save(ip.hijack_conflict(hj[(hj.family == "conflict") & hj.model.isin(
+    plots.save(induction_plots.hijack_fraction(hj[hj.family.isin(["single", "conflict"])]), fig_dir, "ws_hijack_fraction")
+    plots.save(induction_plots.hijack_logprob(hj[hj.family == "single"]), fig_dir, "ws_hijack_logprob")
+    plots.save(induction_plots.hijack_conflict(hj[(hj.family == "conflict") & hj.model.isin(
         ["AMT lambda=20", "calibrated AMT lambda=20", "trained RPE", "trained APE"])]), fig_dir, "ws_hijack_conflict")
-    plots.save(ip.hijack_distance(hj[hj.family == "distance"]), fig_dir, "ws_hijack_distance")
+    plots.save(induction_plots.hijack_distance(hj[hj.family == "distance"]), fig_dir, "ws_hijack_distance")
     agree = hj.groupby(["model", "family"])["agree"].mean()
     for (model, fam), v in agree.items():
         if model.startswith("calibrated"):
-            checks.append(report.Check(f"{model}: agreement with rule, {fam}", float(v), "reference"))
+            checks.append(findings.Check(f"{model}: agreement with rule, {fam}", float(v), "reference"))
             continue
         if fam == "distance" and model == "trained APE":
-            checks.append(report.Check(f"{model}: agreement with rule, distance (WS oversight expected)",
+            checks.append(findings.Check(f"{model}: agreement with rule, distance (WS oversight expected)",
                                        float(v), "trend only"))
             continue
-        checks.append(report.compare(f"C-14 {model}: winners agree with closed-form rule, {fam}", float(v), 1.0, 0.1,
+        checks.append(findings.compare(f"C-14 {model}: winners agree with closed-form rule, {fam}", float(v), 1.0, 0.1,
                                      note="threshold 0.9"))
     for lab, (lh, mh, rho) in fitted.items():
-        checks.append(report.Check(f"trained {lab}: fitted lambda_hat, mu_hat (least squares)", f"{lh:.2f}, {mh:.2f}",
+        checks.append(findings.Check(f"trained {lab}: fitted lambda_hat, mu_hat (least squares)", f"{lh:.2f}, {mh:.2f}",
                                    "trend only"))
         a = hj_alt[hj_alt.model == f"trained {lab}"].groupby("family")["agree"].mean()
-        checks.append(report.Check(
+        checks.append(findings.Check(
             f"trained {lab}: agreement with the rule at the best calibration ratio lambda/mu = {rho:.3g}",
             ", ".join(f"{k} {v:.2f}" for k, v in a.items()), "trend only",
             note="ratio chosen to maximise winner agreement on the calibration prompts (the best any "
@@ -123,16 +123,16 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[repor
     single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
     win_by_lam = single.groupby("model")["model_o_wins"].mean()
     lam_order = [float(win_by_lam[f"AMT lambda={x:g}"]) for x in (2.0, 5.0, 10.0, 20.0)]
-    checks.append(report.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
+    checks.append(findings.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
                                str([round(x, 2) for x in lam_order])))
     s5 = single[single.model == "AMT lambda=5"]
     by_pi = s5.groupby("log_pi_o")["model_o_wins"].mean()
-    checks.append(report.trend("C-8 win rate falls as pi_b(o|q) falls (lambda=5)", by_pi.iloc[0] <= by_pi.iloc[-1],
+    checks.append(findings.trend("C-8 win rate falls as pi_b(o|q) falls (lambda=5)", by_pi.iloc[0] <= by_pi.iloc[-1],
                                f"lowest pi: {by_pi.iloc[0]:.2f}, highest pi: {by_pi.iloc[-1]:.2f}"))
     by_n = s5.groupby("cell")["model_o_wins"].mean()
-    checks.append(report.trend("C-8 win rate rises with n_o (lambda=5)", by_n.get("n=4", 0) >= by_n.get("n=1", 0),
+    checks.append(findings.trend("C-8 win rate rises with n_o (lambda=5)", by_n.get("n=4", 0) >= by_n.get("n=1", 0),
                                by_n.round(2).to_dict()))
-    fam = report.Family(
+    fam = findings.Family(
         "Wang & Sato: knowledge-hijack prompt families vs the closed-form rule",
         ["figures/ws_hijack_fraction.png", "figures/ws_hijack_logprob.png", "figures/ws_hijack_conflict.png",
          "figures/ws_hijack_distance.png"], checks,

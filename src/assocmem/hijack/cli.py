@@ -76,7 +76,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     ks = parse_ks(args.k)
     from .. import io
     from .counterfact import load_counterfact, select
-    from .evaluate import summarize, tie_rate
+    from .evaluate import metric_curve, tie_rate
     from .schemes import load_schemes
     from .store import ScoreStore, score_to_store
 
@@ -105,10 +105,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if df.empty:
         raise ConfigError(f"scheme: {scheme.name} gave no prompts to score for the {len(records)} selected records "
                           f"(skipped: {done['skipped']}; too-long record-k pairs: {done['too_long']}) [{entry.path}]")
-    es = summarize(df, "es", seed=args.seed)
-    first = summarize(df, "es_first", seed=args.seed)
-    ps = summarize(df, "ps", seed=args.seed) if args.paraphrase else None
-    ns = summarize(df, "ns", seed=args.seed) if args.neighborhood else None
+    es = metric_curve(df, "es", seed=args.seed)
+    first = metric_curve(df, "es_first", seed=args.seed)
+    ps = metric_curve(df, "ps", seed=args.seed) if args.paraphrase else None
+    ns = metric_curve(df, "ns", seed=args.seed) if args.neighborhood else None
     summary = entry.summary()
     if summary is None or scored:
         summary = {"id": entry.id, "entry": str(entry.path), "model": args.model, "scheme": scheme.name,
@@ -209,7 +209,9 @@ def reproduce_options(p: argparse.ArgumentParser) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     kwargs = reproduce_kwargs(args)
     from ..experiments.hijack import reproduce
-    section = reproduce(Path(args.out), scale=args.scale, jobs=1, force=args.force, **kwargs)
+    from ..report import write_report
+    section = reproduce(Path(args.out), scale=args.scale, force=args.force, **kwargs)
+    write_report(section, Path(args.out))
     print(f"hijack: {section.tally()} -> {Path(args.out) / 'report.html'}")
     return 0
 

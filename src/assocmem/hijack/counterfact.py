@@ -156,7 +156,7 @@ def _sha256(path: Path) -> str:
 def fetch_original(cache: Path | None = None, url: str = ORIGINAL_URL) -> Path:
     """ROME's counterfact.json in the cache: downloaded once, then verified against the size and
     SHA-256 recorded at download (``counterfact.json.meta.json`` beside it)."""
-    from ..llm.models import cache_dir
+    from ..io import cache_dir
     folder = Path(cache) if cache else cache_dir() / "counterfact"
     path, meta_path = folder / "counterfact.json", folder / "counterfact.json.meta.json"
     if path.exists() and meta_path.exists():

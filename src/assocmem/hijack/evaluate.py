@@ -147,7 +147,7 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, se
     return mean, np.quantile(boots, a, axis=0), np.quantile(boots, 1 - a, axis=0)
 
 
-def summarize(df: pd.DataFrame, metric: str = "es", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def metric_curve(df: pd.DataFrame, metric: str = "es", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Columns k, value, lo, hi, n: the mean of ``metric`` over records with a 95% bootstrap CI."""
     m = per_record(df, metric).dropna()
     if m.empty:

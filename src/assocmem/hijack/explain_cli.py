@@ -54,9 +54,10 @@ def _load(args):
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import report
+    from .. import findings
+    from ..report import write_report
     from ..io import atomic_write_json, atomic_write_parquet
-    from . import explain_report as R
+    from . import explain_report
     from .cli import parse_ks
     from .counterfact import load_counterfact, select
     from .schemes import load_schemes
@@ -85,23 +86,23 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     records = select(ds.records, rels, args.n, args.seed)
     lm = _load(args)
     t0 = time.perf_counter()
-    t = R.analyse(lm.model, lm.tokenizer, records, scheme, book.countries, ks, book.separator,
+    t = explain_report.analyse(lm.model, lm.tokenizer, records, scheme, book.countries, ks, book.separator,
                   select_frac=args.select_frac, n_patch=args.n_patch or None, hs=hs,
                   neutral_path=None if args.neutral == "none" else args.neutral, seed=args.seed,
                   progress=not args.json)
     wall = time.perf_counter() - t0
     out = Path(args.out)
-    for key in R.TABLES:
+    for key in explain_report.TABLES:
         atomic_write_parquet(t[key], out / "tables" / f"{key}.parquet")
-    s = R.summary(t)
+    s = explain_report.summary(t)
     s.update(model=args.model, scheme=scheme.name, n_records=len(records), ks=ks, seed=args.seed,
              data=ds.source, wall_s=round(wall, 1), model_meta=lm.meta)
     atomic_write_json(out / "summary.json", s, default=str)
-    fams = R.families(t, out / "figures", args.model)
-    section = report.Section("hijack_explain", f"Why {args.model} is hijacked: the mechanism lab",
+    fams = explain_report.families(t, out / "figures", args.model)
+    section = findings.Section("hijack_explain", f"Why {args.model} is hijacked: the mechanism lab",
                              intro=f"Scheme {scheme.name}, {len(records)} records, k = {ks}, seed {args.seed}.",
-                             families=fams, meta=report.run_meta(model=args.model, wall_s=round(wall, 1)))
-    report.write_report(section, out)
+                             families=fams, meta=findings.run_meta(model=args.model, wall_s=round(wall, 1)))
+    write_report(section, out)
     if args.json:
         print(json.dumps(s, default=str))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..plots import COLORS, line_with_band, new_figure
+from ..plots import COLORS, figure, line_with_band, new_figure
 
 
 def _label(r) -> str:
@@ -14,6 +14,7 @@ def _label(r) -> str:
             "attn_bias": f"bias{r['layer']}"}.get(c, c)
 
 
+@figure("explain_{model}_lens")
 def plot_logit_lens(lens: pd.DataFrame, title: str = "") -> "object":
     """Mean margin (±sem over records) read from each layer's residual, one line per k."""
     fig, ax = new_figure()
@@ -26,6 +27,7 @@ def plot_logit_lens(lens: pd.DataFrame, title: str = "") -> "object":
     return fig
 
 
+@figure("explain_{model}_cue")
 def plot_cue_attention(cc: pd.DataFrame, k: int | None = None, title: str = "") -> "object":
     """Heat maps (layer x head) at one k: mean attention mass on the cue, and its correlation with margin."""
     k = int(cc["k"].max()) if k is None else k
@@ -43,6 +45,7 @@ def plot_cue_attention(cc: pd.DataFrame, k: int | None = None, title: str = "") 
     return fig
 
 
+@figure("explain_{model}_dla")
 def plot_dla(rank: pd.DataFrame, top: int = 15, title: str = "") -> "object":
     """Mean direct logit attribution at the smallest and largest k of the components that shift most."""
     r = rank.head(top).iloc[::-1]
@@ -58,6 +61,7 @@ def plot_dla(rank: pd.DataFrame, top: int = 15, title: str = "") -> "object":
     return fig
 
 
+@figure("explain_{model}_patch")
 def plot_patching(rank: pd.DataFrame, top: int = 15, title: str = "") -> "object":
     """Fraction of the margin moved by patching each component, top components of each direction."""
     fig, axes = new_figure(ncols=2, figsize=(8.5, 0.25 * top + 1.2))
@@ -72,6 +76,7 @@ def plot_patching(rank: pd.DataFrame, top: int = 15, title: str = "") -> "object
     return fig
 
 
+@figure("explain_{model}_ablation")
 def plot_ablation(ab: pd.DataFrame, title: str = "") -> "object":
     """Left: ES vs k with the top-h heads mean-ablated. Right: ES drop at the largest k vs the clean cost
     (increase of next-token loss on the neutral text)."""
@@ -92,6 +97,7 @@ def plot_ablation(ab: pd.DataFrame, title: str = "") -> "object":
     return fig
 
 
+@figure("explain_{model}_ov")
 def plot_ov(ov: pd.DataFrame, title: str = "") -> "object":
     """Median rank (log scale) of the cue token itself and of same-relation answers under each top head's
     OV circuit; chance = half the vocabulary."""
@@ -109,6 +115,7 @@ def plot_ov(ov: pd.DataFrame, title: str = "") -> "object":
     return fig
 
 
+@figure("explain_{model}_concept")
 def plot_concept(cc: pd.DataFrame, title: str = "") -> "object":
     """Mean change (±sem) of first-token log-prob from k = 0 to K when another answer is named."""
     fig, ax = new_figure()

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import report
-from . import explain as X
-from . import explain_patch as P
+from .. import findings
+from ..experiments.scale import REQUIRED, make_scales
+from . import explain
+from . import explain_patch
 
 NEUTRAL_RELPATH = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
 
@@ -44,39 +45,39 @@ def analyse(model, tok, records, scheme, countries, ks: Sequence[int], sep: str 
         timing[name] = round(now - t, 2)
         t = now
 
-    lab = X.Lab(model, tok)
-    prompts, skipped = X.build_prompts(tok, records, scheme, countries, ks, sep)
+    lab = explain.Lab(model, tok)
+    prompts, skipped = explain.build_prompts(tok, records, scheme, countries, ks, sep)
     if skipped:
         notes.append("records skipped: " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
-    traces = X.run_traces(lab, prompts, progress=progress)
+    traces = explain.run_traces(lab, prompts, progress=progress)
     tick("traces")
     by = {(tr.prompt.case_id, tr.prompt.k): tr for tr in traces}
-    sel, ev = X.split([p.case_id for p in prompts], select_frac)
+    sel, ev = explain.split([p.case_id for p in prompts], select_frac)
     rec_by = {r.case_id: r for r in records}
-    out = {"margins": X.margins_table(traces).assign(split=lambda d: np.where(d.case_id.isin(sel), "select",
+    out = {"margins": explain.margins_table(traces).assign(split=lambda d: np.where(d.case_id.isin(sel), "select",
                                                                                       "eval")),
-           "logit_lens": X.logit_lens(traces)}
-    cue = X.cue_attention(traces)
-    out["cue_attention"] = X.cue_correlation(cue) if len(cue) else cue
-    out["dla"] = X.dla(traces, ks=(0, K))
-    out["dla_rank"] = X.dla_ranking(out["dla"])
+           "logit_lens": explain.logit_lens(traces)}
+    cue = explain.cue_attention(traces)
+    out["cue_attention"] = explain.cue_correlation(cue) if len(cue) else cue
+    out["dla"] = explain.dla(traces, ks=(0, K))
+    out["dla_rank"] = explain.dla_ranking(out["dla"])
     tick("lens_cue_dla")
     patch_ids = sel[:n_patch] if n_patch else sel
-    out["patching"] = P.patching(lab, by, patch_ids, K, progress=progress)
-    out["patch_rank"] = P.patch_ranking(out["patching"])
+    out["patching"] = explain_patch.patching(lab, by, patch_ids, K, progress=progress)
+    out["patch_rank"] = explain_patch.patch_ranking(out["patching"])
     tick("patching")
-    ranked = P.top_heads(out["patch_rank"], max(hs))
-    means = P.head_means([by[(c, 0)] for c in sel])
+    ranked = explain_patch.top_heads(out["patch_rank"], max(hs))
+    means = explain_patch.head_means([by[(c, 0)] for c in sel])
     npath = default_neutral_path() if neutral_path == "default" else neutral_path
-    neutral = P.neutral_ids(tok, npath)
+    neutral = explain_patch.neutral_ids(tok, npath)
     if neutral is None:
         notes.append(f"neutral text not found ({npath or 'tiny-Shakespeare'}): clean cost shown as ES at k=0 only")
     ev_recs = [rec_by[c] for c in ev]
-    out["ablation"] = P.ablation(lab, ev_recs, scheme, countries, ks, sep, ranked, means, (0, *hs), neutral)
+    out["ablation"] = explain_patch.ablation(lab, ev_recs, scheme, countries, ks, sep, ranked, means, (0, *hs), neutral)
     tick("ablation")
-    out["ov"] = P.ov_copying(lab, ranked[:n_ov], ev_recs, records)
+    out["ov"] = explain_patch.ov_copying(lab, ranked[:n_ov], ev_recs, records)
     tick("ov")
-    out["concept"] = P.concept_control(lab, ev_recs, records, K, sep, seed)
+    out["concept"] = explain_patch.concept_control(lab, ev_recs, records, K, sep, seed)
     tick("concept")
     out["timing"], out["notes"] = timing, notes
     out["splits"] = {"select": len(sel), "eval": len(ev), "patched": len(patch_ids)}
@@ -130,23 +131,23 @@ TABLES = ("margins", "logit_lens", "cue_attention", "dla", "dla_rank", "patching
           "ov", "concept")
 
 
-def families(t: dict, fig_dir: str | Path, model: str, rel: str = "figures") -> list[report.Family]:
+def families(t: dict, fig_dir: str | Path, model: str, rel: str = "figures") -> list[findings.Family]:
     """Report families (figures saved under ``fig_dir``, referenced as ``rel/<name>.png``)."""
     from ..plots import save
-    from . import explain_plots as F
+    from . import explain_plots
     s = summary(t)
     slug = model.replace("/", "-")
     K = max(s["margin_by_k"])
-    figs = {"lens": F.plot_logit_lens(t["logit_lens"], f"{model}: logit lens"),
-            "cue": F.plot_cue_attention(t["cue_attention"], K, f"{model}: attention to the cue"),
-            "dla": F.plot_dla(t["dla_rank"], title=f"{model}: DLA (k=0 vs k={K})"),
-            "patch": F.plot_patching(t["patch_rank"], title=f"{model}: activation patching"),
-            "ablation": F.plot_ablation(t["ablation"], f"{model}: ablation as a defence"),
+    figs = {"lens": explain_plots.plot_logit_lens(t["logit_lens"], f"{model}: logit lens"),
+            "cue": explain_plots.plot_cue_attention(t["cue_attention"], K, f"{model}: attention to the cue"),
+            "dla": explain_plots.plot_dla(t["dla_rank"], title=f"{model}: DLA (k=0 vs k={K})"),
+            "patch": explain_plots.plot_patching(t["patch_rank"], title=f"{model}: activation patching"),
+            "ablation": explain_plots.plot_ablation(t["ablation"], f"{model}: ablation as a defence"),
             }
     if len(t["ov"]):
-        figs["ov"] = F.plot_ov(t["ov"], f"{model}: OV circuit of top heads")
+        figs["ov"] = explain_plots.plot_ov(t["ov"], f"{model}: OV circuit of top heads")
     if len(t["concept"]):
-        figs["concept"] = F.plot_concept(t["concept"], f"{model}: concept-level control")
+        figs["concept"] = explain_plots.plot_concept(t["concept"], f"{model}: concept-level control")
     paths = {}
     for name, fig in figs.items():
         save(fig, fig_dir, f"explain_{slug}_{name}")
@@ -158,30 +159,31 @@ def families(t: dict, fig_dir: str | Path, model: str, rel: str = "figures") -> 
     ab = s["ablation"]
     hmax = max(ab)
     checks = [
-        report.trend(f"{model}: hijack raises the margin (k=0 -> {K})", m[K] > m[0], f"{m[0]:+.2f} -> {m[K]:+.2f}"),
-        report.trend(f"{model}: final-layer lens equals the model's margin", lens_gap < LENS_TOL,
+        findings.trend(f"{model}: hijack raises the margin (k=0 -> {K})", m[K] > m[0], f"{m[0]:+.2f} -> {m[K]:+.2f}"),
+        findings.trend(f"{model}: final-layer lens equals the model's margin", lens_gap < LENS_TOL,
                      f"max |diff| {lens_gap:.1e}", note=f"tolerance {LENS_TOL:g} nats"),
-        report.Check(f"{model}: top cue-attention heads (k={K})", "; ".join(s["top_cue_heads"][:3]), "trend only"),
-        report.Check(f"{model}: top DLA shifts", "; ".join(s["top_dla"][:3]), "trend only"),
-        report.Check(f"{model}: top patching heads (to_clean)", "; ".join(s["top_patch_to_clean"][:3]),
+        findings.Check(f"{model}: top cue-attention heads (k={K})", "; ".join(s["top_cue_heads"][:3]), "trend only"),
+        findings.Check(f"{model}: top DLA shifts", "; ".join(s["top_dla"][:3]), "trend only"),
+        findings.Check(f"{model}: top patching heads (to_clean)", "; ".join(s["top_patch_to_clean"][:3]),
                      "trend only"),
-        report.trend(f"{model}: ablating top-{hmax} heads lowers ES at k={K}",
+        findings.trend(f"{model}: ablating top-{hmax} heads lowers ES at k={K}",
                      ab[hmax][f"es_k{K}"] < ab[0][f"es_k{K}"],
                      f"{ab[0][f'es_k{K}']:.3f} -> {ab[hmax][f'es_k{K}']:.3f}",
                      note=f"neutral loss {ab[0]['neutral_loss']:.3f} -> {ab[hmax]['neutral_loss']:.3f}"),
     ]
     if s["concept"]:
         c = s["concept"]
-        checks.append(report.Check(f"{model}: concept control Δlog p (named, unnamed same-relation, true)",
+        checks.append(findings.Check(f"{model}: concept control Δlog p (named, unnamed same-relation, true)",
                                    f"{c['d_other']:+.3f}, {c['d_new']:+.3f}, {c['d_true']:+.3f}", "trend only"))
     text = (f"Scheme margin (first-token log p(new) - log p(true)) by k: {m}. Splits: {s['splits']}. "
             f"Timing (s): {s['timing']}. " + " ".join(s["notes"]))
-    return [report.Family(f"Mechanism lab: {model}", list(paths.values()), checks, text)]
+    return [findings.Family(f"Mechanism lab: {model}", list(paths.values()), checks, text)]
 
 
 EXPLAIN_VERSION = "1"     # bump when an analysis changes what it computes
-SCALES = {"quick": {"n": 40, "ks": (0, 1, 2, 3), "n_patch": 12, "hs": (1, 2, 4)},
-          "paper": {"n": 200, "ks": (0, 1, 2, 3, 4, 5), "n_patch": 48, "hs": (1, 2, 4, 8)}}
+SCALES = make_scales({"n": REQUIRED, "ks": REQUIRED, "n_patch": REQUIRED, "hs": REQUIRED},
+                     quick={"n": 40, "ks": (0, 1, 2, 3), "n_patch": 12, "hs": (1, 2, 4)},
+                     paper={"n": 200, "ks": (0, 1, 2, 3, 4, 5), "n_patch": 48, "hs": (1, 2, 4, 8)})
 
 
 def explain_stored(lm, out_dir: str | Path, ds, book, scale: str = "quick", scheme: str = "generic_false",
@@ -199,7 +201,7 @@ def explain_stored(lm, out_dir: str | Path, ds, book, scale: str = "quick", sche
     sch = book.get(scheme)
     neutral = default_neutral_path()
     spec = {**model_identity(lm), "data_sha256": data_sha256 or io.sha256_file(ds.source), "scheme": sch.name,
-            "template": sch.template, "separator": book.separator, **cfg, "seed": seed,
+            "template": sch.template, "separator": book.separator, **cfg.as_dict(), "seed": seed,
             "neutral_sha256": neutral and io.sha256_file(neutral), "version": EXPLAIN_VERSION}
     root = Path(out_dir) / "explain"
     entry = root / f"{lm.name.replace('/', '-')}-{io.content_hash(spec)}"
@@ -208,9 +210,9 @@ def explain_stored(lm, out_dir: str | Path, ds, book, scale: str = "quick", sche
         done = json.loads((entry / "done.json").read_text())
         t = {key: pd.read_parquet(entry / f"{key}.parquet") for key in TABLES}
         return {**t, **{k: done[k] for k in ("timing", "notes", "splits")}}, entry, False
-    recs = select(ds.records, sorted(sch.relations) if sch.relations else None, cfg["n"], seed)
-    t = analyse(lm.model, lm.tokenizer, recs, sch, book.countries, cfg["ks"], book.separator,
-                n_patch=cfg["n_patch"], hs=cfg["hs"], neutral_path=neutral, seed=seed)
+    recs = select(ds.records, sorted(sch.relations) if sch.relations else None, cfg.n, seed)
+    t = analyse(lm.model, lm.tokenizer, recs, sch, book.countries, cfg.ks, book.separator,
+                n_patch=cfg.n_patch, hs=cfg.hs, neutral_path=neutral, seed=seed)
     with io.building_dir(root, entry.name) as tmp:
         for key in TABLES:
             io.atomic_write_parquet(t[key], tmp / f"{key}.parquet")

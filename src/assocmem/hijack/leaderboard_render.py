@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from ..plots import figure
+
 COLUMNS = [   # (header, function of a summary row -> text)
     ("model", lambda r: r["model"] + (f" ({r['dtype']})" if r.get("dtype") not in ("", "float32", None) else "")),
     ("scheme", lambda r: r["scheme"] + ("" if r["relation"] == "all" else f" [{r['relation']}]")),
@@ -89,6 +91,7 @@ def to_html(board) -> str:
     return "\n".join(parts + ["</body></html>"]) + "\n"
 
 
+@figure("leaderboard")
 def figure(curves: pd.DataFrame):
     """ES(k) with its 95% band, one panel per scheme, one line per model; k50 marked by a triangle
     on the 0.5 line (read off each curve: the smallest k with ES >= 0.5)."""

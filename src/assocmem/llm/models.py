@@ -73,10 +73,6 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def cache_dir() -> Path:
-    return io.cache_dir()
-
-
 def context_limit(model) -> int | None:
     """Largest number of positions the model can score: ``n_positions`` / ``max_position_embeddings``
     of its (text) config; None when the config names neither.
@@ -162,7 +158,7 @@ def _load_bundled(b: Bundled, torch_dtype, device_map, attn_implementation, use_
     """Bundled model: from the cached fp32 copy (built from the GGUF on first use), cast to ``torch_dtype``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    models_dir = cache_dir() / "models"
+    models_dir = io.cache_dir() / "models"
     plain_dir = models_dir / f"{b.name}-fp32"
     try:
         version = importlib.metadata.version(b.dist)
@@ -180,7 +176,7 @@ def _load_bundled(b: Bundled, torch_dtype, device_map, attn_implementation, use_
             elif version is not None and source.get("version") != version:
                 source, stale = None, True      # the installed package changed: rebuild from its GGUF
     if source is None:
-        folder, fname = gguf_location(b, cache_dir() / "gguf")
+        folder, fname = gguf_location(b, io.cache_dir() / "gguf")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         source = {"package": b.dist, "version": version, "gguf": fname,

@@ -26,9 +26,9 @@ from torch import Tensor
 from ..config import ConfigError, Seeds, param
 from ..models.geometric import WEIGHT_NAMES, StackedTransformer, unembed_cross_entropy
 from ..registry import RunResult, TaskSpec
-from ..training import DEVICES, resolve_device
+from ..training import RunConfig, resolve_device
 from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
-from ..theory.geometric import evaluate
+from ..theory.geometric import recall_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +97,10 @@ class OptimCfg:
 
 
 @dataclasses.dataclass(frozen=True)
-class GeoConfig:
+class GeoConfig(RunConfig):
     task: TaskCfg = dataclasses.field(default_factory=TaskCfg)
     model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
     optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
-    seed: int = param(0, lo=0)
-    seeds: Seeds = dataclasses.field(default_factory=Seeds)
-    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -285,7 +282,7 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
         model.init_instance(i, torch.Generator().manual_seed(s.init), emb_std, c0.model.w2_scale)
     model.to(device)
     tr = train(model, tokens, targets, d0.out_pos, c0.optim, trainable_names(c0.model))
-    ev = evaluate(model, GeoData(tokens, targets, d0.subj, d0.chain, d0.out_pos, d0.vocab, d0.bij))
+    ev = recall_metrics(model, GeoData(tokens, targets, d0.subj, d0.chain, d0.out_pos, d0.vocab, d0.bij))
     t = c0.task
     chain_acc = None
     if t.format == "slots" and t.cot:

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, Seeds, param
-from ..training import DEVICES, resolve_device
+from ..config import ConfigError, param
+from ..training import RunConfig, resolve_device
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..registry import RunResult, TaskSpec
-from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats, resolve_data_path
-from ..analysis.induction import delayed_batch, evaluate, memory_probes
+from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats, resolve_data_path
+from .induction_probes import batch_metrics, memory_probes
 from .induction_step import chunked_step, stat_parts
 
 PARAM_NAMES = ("W_K1", "W_K2", "W_O2", "W_F", "P", "b_rel")
@@ -91,14 +91,11 @@ class InductionEvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class InductionConfig:
+class InductionConfig(RunConfig):
     task: InductionTaskConfig = dataclasses.field(default_factory=InductionTaskConfig)
     model: InductionModelConfig = dataclasses.field(default_factory=InductionModelConfig)
     optim: InductionOptimConfig = dataclasses.field(default_factory=InductionOptimConfig)
     eval: InductionEvalConfig = dataclasses.field(default_factory=InductionEvalConfig)
-    seed: int = param(0, lo=0)
-    seeds: Seeds = dataclasses.field(default_factory=Seeds)
-    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
     def validate(self) -> None:
         try:
@@ -211,12 +208,12 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
 
     def log_eval(step):
         model.eval()
-        r = evaluate(model, xt, yt, ot, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
+        r = batch_metrics(model, xt, yt, ot, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
         ecurves["step"].append(step)
         for k in ("acc_end", "loss_head", "loss_bigram", "prev_tok", "ind_attn"):
             ecurves.setdefault(k + "_test", []).append(r[k].tolist())
         if cfg.task.outputs == "ood":
-            r2 = evaluate(model, xi, yi, oi, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
+            r2 = batch_metrics(model, xi, yi, oi, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
             ecurves.setdefault("acc_end_in_dist", []).append(r2["acc_end"].tolist())
         model.train()
         return r
@@ -278,7 +275,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
               for g in gl]
         xs, ys, os_ = (torch.stack([getattr(b, f) for b in bs]).to(dev) for f in ("x", "y", "outs"))
         model.eval()
-        long[Tt] = evaluate(model, xs, ys, os_, chunk=max(1, cfg.eval.chunk * cfg.task.T // Tt), bucket=cfg.eval.bucket)
+        long[Tt] = batch_metrics(model, xs, ys, os_, chunk=max(1, cfg.eval.chunk * cfg.task.T // Tt), bucket=cfg.eval.bucket)
     results = []
     for i, c in enumerate(configs):
         pick = lambda v: v[i]  # noqa: E731

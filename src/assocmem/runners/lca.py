@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, Seeds, param
+from ..config import ConfigError, param
 from ..models.lca import LCAModel
 from ..registry import RunResult, TaskSpec
 from ..tasks.lca import LCATask, counts, task_for
-from ..training import DEVICES, OptimConfig, finite_members, make_optimizer, resolve_device, run_split
+from ..training import OptimConfig, RunConfig, finite_members, make_optimizer, resolve_device, run_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +48,11 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LCAConfig:
+class LCAConfig(RunConfig):
     task: LCATaskConfig = dataclasses.field(default_factory=LCATaskConfig)
     model: LCAModelConfig = dataclasses.field(default_factory=LCAModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    seed: int = param(0, lo=0)
-    seeds: Seeds = dataclasses.field(default_factory=Seeds)
-    device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
 
 
 def make_task(cfg: LCAConfig) -> LCATask:
@@ -123,7 +120,7 @@ def logits_and_targets(model: LCAModel, task: LCATask, batch: int, generators: l
 
 
 @torch.no_grad()
-def evaluate(model: LCAModel, task: LCATask, generators: list[torch.Generator], n: int,
+def accuracy_and_loss(model: LCAModel, task: LCATask, generators: list[torch.Generator], n: int,
              chunk: int = 4096, path: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-instance accuracy and mean cross-entropy on n fresh sequences: ([S], [S])."""
     device = model.W_E.device
@@ -177,7 +174,7 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
         if tail:
             recent += loss.detach() / min(20, cfg.optim.steps)
     ok = finite_members(recent[:, None], *(p for p in model.parameters()))
-    acc, eval_loss = evaluate(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
+    acc, eval_loss = accuracy_and_loss(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
                               cfg.model.path)
     results = []
     for i in range(S):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import atomic_write, cache_dir
+
 DEFAULT_DATA_PATH = "../shared/data/tinyshakespeare/input.txt"
 DATA_ENV = "ASSOCMEM_SHAKESPEARE"      # full path to input.txt
 SHARED_ENV = "ASSOCMEM_SHARED_DATA"    # the shared data folder (as in tests/conftest.py)
@@ -111,15 +113,11 @@ def _stats_from_bytes(data: bytes) -> CharStats:
     return CharStats("".join(chr(b) for b in byte_ids), uni, bi, len(arr))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ASSOCMEM_CACHE", Path.home() / ".cache" / "assocmem"))
-
-
 @functools.lru_cache(maxsize=4)
 def _load_stats(path: str, size: int, mtime: float) -> CharStats:
     data = Path(path).read_bytes()
     digest = hashlib.md5(data).hexdigest()
-    cache = _cache_dir() / f"charstats-{digest}.npz"
+    cache = cache_dir() / f"charstats-{digest}.npz"
     if cache.exists():
         try:
             z = np.load(cache)
@@ -127,11 +125,12 @@ def _load_stats(path: str, size: int, mtime: float) -> CharStats:
         except (OSError, KeyError, ValueError):
             pass
     st = _stats_from_bytes(data)
-    try:  # a small array file; atomic (temp + rename); a read-only home is fine
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, chars=np.array(st.chars), uni=st.unigram_counts, bi=st.bigram_counts, n=st.n_chars)
-        os.replace(tmp, cache)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, chars=np.array(st.chars), uni=st.unigram_counts, bi=st.bigram_counts, n=st.n_chars)
+    try:  # a read-only home is fine: the statistics are recomputed next time
+        atomic_write(cache, write)
     except OSError:
         pass
     return st
@@ -235,3 +234,41 @@ class TriggerBigram:
         z = self.chain(B, self.T + 1, trig, outp, g)
         x, y = z[:, :-1], z[:, 1:]
         return Batch(x, y, position_labels(x, trig), trig, outp)
+
+
+def delayed_batch(ds: TriggerBigram, B: int, L0: int, g: torch.Generator) -> Batch:
+    """Sequences of length L0 + ds.T whose first L0 tokens contain no trigger (a bigram chain that
+    resamples trigger hits), followed by ds.T tokens of the trigger process; outs counts only the
+    second part. Fixed or random triggers as in ``ds``."""
+    trig = ds.sample_triggers(B, g)
+    outp = ds.sample_outputs(trig, g)
+    parts = []
+    if L0 > 0:
+        parts.append(filler_chain(ds, B, L0, trig, g))
+        start = parts[0][:, -1]
+    else:
+        start = None
+    z2 = ds.chain(B, ds.T + 1, trig, outp, g, start=start)
+    z = torch.cat(parts + [z2], 1) if parts else z2
+    x, y = z[:, :-1], z[:, 1:]
+    outs = position_labels(x, trig)
+    outs[:, :L0] = 0
+    return Batch(x, y, outs, trig, outp)
+
+
+def filler_chain(ds: TriggerBigram, B: int, L: int, avoid: Tensor, g: torch.Generator,
+                 start: Tensor | None = None) -> Tensor:
+    """[B, L] global-bigram chain that never emits a token in ``avoid`` [B, K] (per-step resampling
+    = sampling from pi_b restricted to the allowed tokens)."""
+    N = ds.N
+    allowed = torch.ones(B, N).scatter_(1, avoid, 0.0)
+    z = torch.empty(B, L, dtype=torch.long)
+    if start is None:
+        z[:, 0] = torch.multinomial(ds.pi_u[None] * allowed, 1, generator=g)[:, 0]
+    else:
+        z[:, 0] = torch.multinomial(ds.pi_b[start] * allowed + 1e-12 * allowed, 1, generator=g)[:, 0]
+    for t in range(1, L):
+        w = ds.pi_b[z[:, t - 1]] * allowed
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, allowed)
+        z[:, t] = torch.multinomial(w, 1, generator=g)[:, 0]
+    return z

@@ -45,11 +45,6 @@ def context_table(m: int, beta: float = 1.0, cluster: int = 0) -> Tensor:
     return w / w.sum(1, keepdim=True)
 
 
-def mixture_table(m: int, beta: float = 1.0, cluster: int = 0, rho: float = 0.5) -> Tensor:
-    """[V, V] per-position marginal pi_t = rho p(.|t) + (1-rho)/V of positions 1..L-1."""
-    return rho * context_table(m, beta, cluster) + (1.0 - rho) / 2 ** m
-
-
 class LCATask:
     """Vectorised sampler for one (m, L, beta, rho, c) setting. Tables are built once."""
 

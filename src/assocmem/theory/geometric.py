@@ -220,7 +220,7 @@ def margins(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: StackedTransformer, data: GeoData, chunk: int = 4096) -> dict[str, Tensor]:
+def recall_metrics(model: StackedTransformer, data: GeoData, chunk: int = 4096) -> dict[str, Tensor]:
     """Per instance: accuracy over all target positions and min/mean logit margin ([S] each).
 
     Queries are processed in chunks of ``chunk`` rows to bound memory (same result as one pass).

@@ -142,13 +142,6 @@ def closed_form_logits(z: Tensor, lam: float, mu: float, log_pi: Tensor, empty: 
     return lam * frac + mu * log_pi[z[:, -1]]
 
 
-def context_beats_global(n_o: Tensor, n_b: Tensor, size: Tensor, log_pi_o: Tensor, log_pi_b: Tensor,
-                         lam: float, mu: float) -> Tensor:
-    """The rule's inequality: successor o beats global favourite b iff
-    lam (n_o - n_b)/|S| > mu (log pi(b|q) - log pi(o|q))."""
-    return lam * (n_o - n_b) / size.clamp(min=1) > mu * (log_pi_b - log_pi_o)
-
-
 def fit_lambda_mu(logits: Tensor, z: Tensor, log_pi: Tensor, candidates: bool = False) -> tuple[float, float]:
     """Least-squares (lambda_hat, mu_hat) of last-position logits [B, N] on [n_k/|S|, log_pi(k|q)],
     each centred over k within a prompt (logits are defined up to a per-prompt shift).

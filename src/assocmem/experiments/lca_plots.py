@@ -52,17 +52,20 @@ def _bars(df: pd.DataFrame, x: str, series: str, order, xlabel: str, ylabel: str
     return fig
 
 
+@plots.figure("Wv_bar_l{L}")
 def wv_bar(df: pd.DataFrame):
     """Wv_bar_l*: columns m, variant ("Identity Wv" | "Trained Wv"), mean, sem."""
     return _bars(df, "m", "variant", ["Identity Wv", "Trained Wv"], "Number of Latent Concepts", "Accuracy")
 
 
+@plots.figure("confusion_bar_l{m}")
 def confusion_bar(df: pd.DataFrame):
     """confusion_bar_l*: columns r, target ("Target True" | "Target False"), mean, sem."""
     return _bars(df, "r", "target", ["Target True", "Target False"], "Mixing Rate", "Accuracy",
                  legend_loc="center right", fmt=lambda v: f"{v:.1f}")
 
 
+@plots.figure("hamming_inner_n{m}", "no_wv_hamming_inner_n{m}")
 def hamming_inner(df: pd.DataFrame):
     """hamming_inner_n* / no_wv_hamming_inner_n*: columns distance, d, mean, sem."""
     fig, ax = _lines(df, "distance", "d", "Hamming Distance", "Average Inner Product",
@@ -71,6 +74,7 @@ def hamming_inner(df: pd.DataFrame):
     return fig
 
 
+@plots.figure("wv_replace_dim_n{m}")
 def wv_replace(df: pd.DataFrame):
     """wv_replace_dim_n*: columns d, series ("Original" | "Constructed Wv" | "Random Wv"), mean, sem."""
     fig, ax = _lines(df, "d", "series", "Dimensions", "Accuracy", logx=True,
@@ -79,6 +83,7 @@ def wv_replace(df: pd.DataFrame):
     return fig
 
 
+@plots.figure("wv_angle_dim_n{m}")
 def wv_angle(df: pd.DataFrame):
     """wv_angle_dim_n*: columns d, series ("Constructed Wv" | "Random Wv" | "Gaussian Wv"), mean, sem."""
     fig, _ = _lines(df, "d", "series", "Dimensions", "Average Smallest Principal Angle", logx=True,
@@ -86,6 +91,7 @@ def wv_angle(df: pd.DataFrame):
     return fig
 
 
+@plots.figure("dim_n{m}")
 def dim(df: pd.DataFrame, m: int):
     """dim_n*: columns d, series ("Frozen Embeddings" | "Trained Embeddings"), mean, sem; red dashed
     line at d = 2^m."""
@@ -96,6 +102,7 @@ def dim(df: pd.DataFrame, m: int):
     return fig
 
 
+@plots.figure("spectrum_n{m}_d{d}_e{seed}")
 def spectrum(df: pd.DataFrame):
     """spectrum_n*_d*_e*: columns index, value (singular values, descending)."""
     fig, ax = plots.new_figure()
@@ -106,6 +113,7 @@ def spectrum(df: pd.DataFrame):
     return fig
 
 
+@plots.figure("length_n{m}")
 def length(df: pd.DataFrame, bayes: pd.DataFrame | None = None):
     """length_n*: columns L, d, mean, sem; optional ``bayes`` frame (L, accuracy) drawn as a dashed
     Bayes-ceiling reference."""
@@ -118,6 +126,7 @@ def length(df: pd.DataFrame, bayes: pd.DataFrame | None = None):
     return fig
 
 
+@plots.figure("heat_map_n{m}_c{c}")
 def heat_map(df: pd.DataFrame):
     """heat_map_n*: a square DataFrame, rows = query tokens, columns = key tokens (rows sum to 1)."""
     fig, ax = plots.new_figure(figsize=(4.6, 3.8))
@@ -126,4 +135,20 @@ def heat_map(df: pd.DataFrame):
     fig.colorbar(im, ax=ax)
     ax.set_xlabel("Key Tokens")
     ax.set_ylabel("Query Tokens")
+    return fig
+
+
+@plots.figure("reference_decoders")
+def reference_decoders(df: pd.DataFrame):
+    """df: decoder, m, L, accuracy. One colour per decoder, darker for larger m."""
+    fig, ax = plots.new_figure()
+    ms = sorted(df["m"].unique())
+    for i, (dec, g) in enumerate(df.groupby("decoder", sort=False)):
+        for m, gm in g.groupby("m"):
+            ax.plot(gm["L"], gm["accuracy"], marker="o", ms=3, color=plots.COLORS[i],
+                    alpha=0.4 + 0.15 * (m - ms[0]), label=dec if m == ms[-1] else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("Context Lengths")
+    ax.set_ylabel("Accuracy")
+    ax.legend()
     return fig

@@ -1,5 +1,5 @@
 """Figure families of the LCA reproduction: each builder reads the stored runs, runs its analysis,
-draws the paper's figure files and returns a :class:`report.Family` with checks (specs/lca.md, "Checks")."""
+draws the paper's figure files and returns a :class:`findings.Family` with checks (specs/lca.md, "Checks")."""
 from __future__ import annotations
 
 import functools
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import plots, report
-from ..analysis import lca as A
-from ..analysis import lca_plots as P
+from .. import findings, plots
+from ..analysis import lca as lca_analysis
+from . import lca_plots
 from ..registry import get_task, run_id
 from ..runners.lca import make_task, model_from_weights
 from ..store import RunStore
@@ -43,7 +43,7 @@ class Runs:
         self.cfg = {run_id(get_task(TASK), c): c for cs in grids.values() for c in cs}
         df = store.table(TASK)
         df = df[df["run_id"].isin(list(self.cfg))] if not df.empty else df
-        self.df, self.excluded = report.usable_runs(df)   # status ok only; e.g. "2 diverged runs excluded"
+        self.df, self.excluded = findings.usable_runs(df)   # status ok only; e.g. "2 diverged runs excluded"
         self.ids = {fam: {run_id(get_task(TASK), c) for c in cs} for fam, cs in grids.items()}
 
     def family(self, fam: str, **eq) -> pd.DataFrame:
@@ -74,7 +74,7 @@ def _gen(*key) -> torch.Generator:
 
 @functools.lru_cache(maxsize=None)
 def bayes(m: int, L: int, n: int = 4096) -> float:
-    return A.bayes_ceiling(m, L, n)
+    return lca_analysis.bayes_ceiling(m, L, n)
 
 
 def _row(df: pd.DataFrame, **eq) -> pd.Series | None:
@@ -84,46 +84,46 @@ def _row(df: pd.DataFrame, **eq) -> pd.Series | None:
 
 
 # --- Wv_bar --------------------------------------------------------------------------------------------
-def wv_bar(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Trained vs identity W_V (Wv_bar_l64, Wv_bar_l128)")
+def wv_bar(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Trained vs identity W_V (Wv_bar_l64, Wv_bar_l128)")
     tables = {}
     for L in (64, 128):
         tr = runs.family("with_wv_low_dim", **{"task.L": L})
         idn = runs.family("no_wv_low_dim", **{"task.L": L, "model.d_model": 64})
-        df = pd.concat([A.summarize(idn, ["task.m"]).assign(variant="Identity Wv"),
-                        A.summarize(tr, ["task.m"]).assign(variant="Trained Wv")]).rename(columns={"task.m": "m"})
+        df = pd.concat([lca_analysis.summarize(idn, ["task.m"]).assign(variant="Identity Wv"),
+                        lca_analysis.summarize(tr, ["task.m"]).assign(variant="Trained Wv")]).rename(columns={"task.m": "m"})
         tables[L] = df
-        fam.figures.append(_save(P.wv_bar(df), out, f"Wv_bar_l{L}"))
+        fam.figures.append(_save(lca_plots.wv_bar(df), out, f"Wv_bar_l{L}"))
     t64 = tables[64]
     get = lambda t, m, v: _row(t, m=m, variant=v)  # noqa: E731
     for m in sc.ms:
         for j, v in enumerate(("Identity Wv", "Trained Wv")):
             r = get(t64, m, v)
             if m in WV_BAR_L64 and r is not None:
-                fam.checks.append(report.compare(f"L=64 m={m} {v}", r["mean"], WV_BAR_L64[m][j] / 100, 0.03,
+                fam.checks.append(findings.compare(f"L=64 m={m} {v}", r["mean"], WV_BAR_L64[m][j] / 100, 0.03,
                                                  r["sem"], note=f"{int(r['n'])} seeds"))
     ms = list(sc.ms)
     acc = {(L, v): [get(tables[L], m, v)["mean"] for m in ms] for L in (64, 128) for v in ("Identity Wv", "Trained Wv")}
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
     for L in (64, 128):
-        fam.checks.append(report.trend(f"L={L}: trained > identity for every m",
+        fam.checks.append(findings.trend(f"L={L}: trained > identity for every m",
                                        all(a > b for a, b in zip(acc[L, "Trained Wv"], acc[L, "Identity Wv"])),
                                        ours=fmt(a - b for a, b in zip(acc[L, "Trained Wv"], acc[L, "Identity Wv"])),
                                        note="ours: trained - identity per m"))
-    fam.checks.append(report.trend("L=64: trained falls with m", A.is_monotone(acc[64, "Trained Wv"], False, 0.01),
+    fam.checks.append(findings.trend("L=64: trained falls with m", lca_analysis.is_monotone(acc[64, "Trained Wv"], False, 0.01),
                                    ours=fmt(acc[64, "Trained Wv"])))
-    fam.checks.append(report.trend("L=64: identity rises with m", A.is_monotone(acc[64, "Identity Wv"], True, 0.01),
+    fam.checks.append(findings.trend("L=64: identity rises with m", lca_analysis.is_monotone(acc[64, "Identity Wv"], True, 0.01),
                                    ours=fmt(acc[64, "Identity Wv"]),
                                    note="paper: 65.8 at m=8 vs 66.0 at m=7 (flat); slack 0.01"))
-    fam.checks.append(report.trend("L=128: both above their L=64 values", all(
+    fam.checks.append(findings.trend("L=128: both above their L=64 values", all(
         a128 > a64 for v in ("Identity Wv", "Trained Wv") for a128, a64 in zip(acc[128, v], acc[64, v])),
         ours=f"identity {fmt(acc[128, 'Identity Wv'])}; trained {fmt(acc[128, 'Trained Wv'])}"))
     gap = [a - b for a, b in zip(acc[128, "Trained Wv"], acc[128, "Identity Wv"])]
-    fam.checks.append(report.trend("L=128: gap narrows as m grows", gap[-1] < gap[0],
+    fam.checks.append(findings.trend("L=128: gap narrows as m grows", gap[-1] < gap[0],
                                    ours=", ".join(f"{g:.3f}" for g in gap)))
-    r6 = _row(runs.family("with_wv_low_dim", **{"task.L": 64}).pipe(A.summarize, ["task.m"]), **{"task.m": 6})
+    r6 = _row(runs.family("with_wv_low_dim", **{"task.L": 64}).pipe(lca_analysis.summarize, ["task.m"]), **{"task.m": 6})
     if r6 is not None:
-        fam.checks.append(report.Check("smoke: m=6, L=64, d=64 accuracy >= 0.84", r6["mean"],
+        fam.checks.append(findings.Check("smoke: m=6, L=64, d=64 accuracy >= 0.84", r6["mean"],
                                        "agrees" if r6["mean"] >= 0.84 else "disagrees", 0.87, r6["sem"],
                                        note="Check 13: threshold 0.84 (paper 0.87)"))
     return fam
@@ -137,33 +137,33 @@ def _hamming_frame(runs: Runs, fam_name: str, m: int, dims, **eq) -> pd.DataFram
         if sel.empty:
             continue
         model, _, _ = runs.stack(sel)
-        H = A.hamming_inner(A.real_embeddings(model)).numpy()        # [S, m+1]
+        H = lca_analysis.hamming_inner(lca_analysis.real_embeddings(model)).numpy()        # [S, m+1]
         for k in range(m + 1):
-            mu, se = A.mean_sem(H[:, k])
+            mu, se = lca_analysis.mean_sem(H[:, k])
             rows.append({"distance": k, "d": d, "mean": mu, "sem": se})
     return pd.DataFrame(rows)
 
 
-def geometry(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Embedding geometry (hamming_inner, no_wv_hamming_inner, spectrum)",
+def geometry(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Embedding geometry (hamming_inner, no_wv_hamming_inner, spectrum)",
                         text="Mean inner product of real-token embeddings by Hamming distance (pairs with "
                              "id(z) >= id(z'); distance 0 = squared norms), and the singular values of the "
                              "full embedding matrix of single trained models.")
     for m in sc.ms[-2:]:
         df = _hamming_frame(runs, "dim_no_freeze", m, [d for d in (16, 32, 64) if d in sc.dims] or sc.dims[:3])
-        fam.figures.append(_save(P.hamming_inner(df), out, f"hamming_inner_n{m}"))
+        fam.figures.append(_save(lca_plots.hamming_inner(df), out, f"hamming_inner_n{m}"))
         for d, g in df.groupby("d"):
             if d < 2 ** m:
                 g = g.sort_values("distance")
                 r = float(g["distance"].corr(g["mean"], method="spearman"))
-                fam.checks.append(report.trend(f"hamming_inner m={m} d={d}: falls with distance",
+                fam.checks.append(findings.trend(f"hamming_inner m={m} d={d}: falls with distance",
                                                r <= -0.9, ours=", ".join(f"{v:.1f}" for v in g["mean"]),
                                                note=f"Spearman r = {r:.2f} (criterion r <= -0.9)"))
     for m in sc.ms:
         df = _hamming_frame(runs, "no_wv_low_dim", m, (32, 64, 96), **{"task.L": 128})
-        fam.figures.append(_save(P.hamming_inner(df), out, f"no_wv_hamming_inner_n{m}"))
+        fam.figures.append(_save(lca_plots.hamming_inner(df), out, f"no_wv_hamming_inner_n{m}"))
         rs = [float(g["distance"].corr(g["mean"], method="spearman")) for _, g in df.groupby("d")]
-        fam.checks.append(report.trend(f"no_wv_hamming_inner m={m}: falls with distance (all d)",
+        fam.checks.append(findings.trend(f"no_wv_hamming_inner m={m}: falls with distance (all d)",
                                        max(rs) <= -0.9, ours=", ".join(f"{r:.2f}" for r in rs),
                                        note="Spearman r per d (criterion r <= -0.9)"))
     for m in sc.ms[-2:]:
@@ -172,29 +172,29 @@ def geometry(runs: Runs, sc, out: Path) -> report.Family:
             if sel.empty:
                 continue
             model, _, _ = runs.stack(sel)
-            sv = A.spectrum(model.W_E).numpy()
+            sv = lca_analysis.spectrum(model.W_E).numpy()
             knees = []
             for e in range(min(4, model.S)):
                 s = sv[e]
-                fam.figures.append(_save(P.spectrum(pd.DataFrame({"index": np.arange(len(s)), "value": s})),
+                fam.figures.append(_save(lca_plots.spectrum(pd.DataFrame({"index": np.arange(len(s)), "value": s})),
                                          out, f"spectrum_n{m}_d{d}_e{e}"))
                 top = min(len(s) - 1, 3 * m)
                 knees.append(int(np.argmax(s[:top] / s[1:top + 1])) + 1)
             ok = sum(k in (m, m + 1) for k in knees) > len(knees) / 2
             if d >= 2 ** m:
-                fam.checks.append(report.Check(f"spectrum m={m} d={d}: dominant singular values",
+                fam.checks.append(findings.Check(f"spectrum m={m} d={d}: dominant singular values",
                                                ", ".join(map(str, knees)), "trend only",
                                                note="d >= 2^m: the low-rank claim is made for d < 2^m only"))
                 continue
-            fam.checks.append(report.trend(f"spectrum m={m} d={d}: m or m+1 dominant singular values", ok,
+            fam.checks.append(findings.trend(f"spectrum m={m} d={d}: m or m+1 dominant singular values", ok,
                                            ours=", ".join(map(str, knees)), paper=f"{m} or {m + 1}",
                                            note="ours = count before the largest ratio s_k/s_k+1, per seed"))
     return fam
 
 
 # --- attention heat maps ---------------------------------------------------------------------------------
-def heat_maps(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Attention heat maps of cluster models (heat_map)",
+def heat_maps(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Attention heat maps of cluster models (heat_map)",
                         text="Seed-averaged softmax attention over all real-token pairs fed as one unmasked "
                              "sequence; rows = queries. Files heat_map_n{m}_c{c}.")
     for c in (1, 2):
@@ -203,17 +203,17 @@ def heat_maps(runs: Runs, sc, out: Path) -> report.Family:
             if sel.empty:
                 continue
             model, _, _ = runs.stack(sel)
-            Amap = A.attention_heat_map(model)
-            fam.figures.append(_save(P.heat_map(pd.DataFrame(Amap.numpy())), out, f"heat_map_n{m}_c{c}"))
-            ratio = A.block_contrast(Amap, c)
-            fam.checks.append(report.trend(f"m={m} c={c}: {2 ** c} diagonal blocks (in/off-block >= 2)",
+            Amap = lca_analysis.attention_heat_map(model)
+            fam.figures.append(_save(lca_plots.heat_map(pd.DataFrame(Amap.numpy())), out, f"heat_map_n{m}_c{c}"))
+            ratio = lca_analysis.block_contrast(Amap, c)
+            fam.checks.append(findings.trend(f"m={m} c={c}: {2 ** c} diagonal blocks (in/off-block >= 2)",
                                            ratio >= 2.0, ours=round(ratio, 2), note=f"{model.S} seeds"))
     return fam
 
 
 # --- W_V replacement and principal angles ------------------------------------------------------------------
-def wv_replace(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Replacing W_V by constructions; principal angles (wv_replace_dim, wv_angle_dim)",
+def wv_replace(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Replacing W_V by constructions; principal angles (wv_replace_dim, wv_angle_dim)",
                         text="dim_no_freeze models; W_V replaced post hoc by W_V^con or the random construction "
                              "built from the model's own embeddings (no retraining). Angles: smallest principal "
                              "angle between rank-m truncations, in degrees.")
@@ -224,59 +224,59 @@ def wv_replace(runs: Runs, sc, out: Path) -> report.Family:
             if sel.empty:
                 continue
             model, task, _ = runs.stack(sel)
-            mu, se = A.mean_sem(sel["accuracy"])
+            mu, se = lca_analysis.mean_sem(sel["accuracy"])
             acc_rows.append({"d": d, "series": "Original", "mean": mu, "sem": se})
             cfg0 = runs.cfg[sel.iloc[0]["run_id"]]
             for kind, label in (("constructed", "Constructed Wv"), ("random", "Random Wv")):
                 gens = [torch.Generator().manual_seed(runs.cfg[r].seeds.resolve(runs.cfg[r].seed).eval)
                         for r in sel.sort_values("seed")["run_id"]]
-                acc = A.replaced_accuracy(model, task, kind, gens, cfg0.eval.n_eval, _gen("replace", m, d, kind))
-                mu, se = A.mean_sem(acc.numpy())
+                acc = lca_analysis.replaced_accuracy(model, task, kind, gens, cfg0.eval.n_eval, _gen("replace", m, d, kind))
+                mu, se = lca_analysis.mean_sem(acc.numpy())
                 acc_rows.append({"d": d, "series": label, "mean": mu, "sem": se})
-            angles = A.principal_angles(model, m, _gen("angle", m, d))
+            angles = lca_analysis.principal_angles(model, m, _gen("angle", m, d))
             for kind, label in (("constructed", "Constructed Wv"), ("random", "Random Wv"), ("gaussian", "Gaussian Wv")):
-                mu, se = A.mean_sem(angles[kind])
+                mu, se = lca_analysis.mean_sem(angles[kind])
                 ang_rows.append({"d": d, "series": label, "mean": mu, "sem": se})
         acc, ang = pd.DataFrame(acc_rows), pd.DataFrame(ang_rows)
-        fam.figures.append(_save(P.wv_replace(acc), out, f"wv_replace_dim_n{m}"))
-        fam.figures.append(_save(P.wv_angle(ang), out, f"wv_angle_dim_n{m}"))
+        fam.figures.append(_save(lca_plots.wv_replace(acc), out, f"wv_replace_dim_n{m}"))
+        fam.figures.append(_save(lca_plots.wv_angle(ang), out, f"wv_angle_dim_n{m}"))
         s = {k: g.sort_values("d")["mean"].to_numpy() for k, g in acc.groupby("series")}
         fam.checks += [
-            report.trend(f"m={m}: Original near perfect (>= 0.85 at every d)", bool((s["Original"] >= 0.85).all()),
+            findings.trend(f"m={m}: Original near perfect (>= 0.85 at every d)", bool((s["Original"] >= 0.85).all()),
                          ours=round(float(s["Original"].min()), 3)),
-            report.trend(f"m={m}: Constructed recovers most at the smallest d (>= 0.5 x Original)",
+            findings.trend(f"m={m}: Constructed recovers most at the smallest d (>= 0.5 x Original)",
                          bool(s["Constructed Wv"][0] >= 0.5 * s["Original"][0]), ours=round(float(s["Constructed Wv"][0]), 3)),
-            report.trend(f"m={m}: Constructed degrades at large d (largest d < best - 0.1)",
+            findings.trend(f"m={m}: Constructed degrades at large d (largest d < best - 0.1)",
                          bool(s["Constructed Wv"][-1] < s["Constructed Wv"].max() - 0.1),
                          ours=", ".join(f"{v:.2f}" for v in s["Constructed Wv"])),
-            report.trend(f"m={m}: Random at chance (<= 1/2^m + 0.03 at every d)",
+            findings.trend(f"m={m}: Random at chance (<= 1/2^m + 0.03 at every d)",
                          bool((s["Random Wv"] <= 1 / 2 ** m + 0.03).all()), ours=round(float(s["Random Wv"].max()), 3),
                          paper=round(1 / 2 ** m, 4)),
         ]
         a = {k: g.sort_values("d")["mean"].to_numpy() for k, g in ang.groupby("series")}
         con, rnd, gau = a["Constructed Wv"], a["Random Wv"], a["Gaussian Wv"]
         fam.checks += [
-            report.trend(f"m={m}: constructed angle smallest at every d", bool(((con <= rnd) & (con <= gau)).all()),
+            findings.trend(f"m={m}: constructed angle smallest at every d", bool(((con <= rnd) & (con <= gau)).all()),
                          ours=", ".join(f"{v:.0f}" for v in con)),
-            report.trend(f"m={m}: constructed angle grows with d", bool(con[-1] > con[0]),
+            findings.trend(f"m={m}: constructed angle grows with d", bool(con[-1] > con[0]),
                          ours=f"{con[0]:.1f} -> {con[-1]:.1f}"),
-            report.trend(f"m={m}: random between constructed and Gaussian (most d)",
+            findings.trend(f"m={m}: random between constructed and Gaussian (most d)",
                          bool(((con <= rnd) & (rnd <= gau)).mean() > 0.5), ours=", ".join(f"{v:.0f}" for v in rnd)),
-            report.trend(f"m={m}: all angles grow with d", bool(all(v[-1] > v[0] for v in (con, rnd, gau))),
+            findings.trend(f"m={m}: all angles grow with d", bool(all(v[-1] > v[0] for v in (con, rnd, gau))),
                          ours=", ".join(f"{v:.0f}" for v in gau)),
         ]
     return fam
 
 
 # --- frozen vs trained embeddings -----------------------------------------------------------------------------
-def dims(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Frozen vs trained embeddings across d (dim)")
+def dims(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Frozen vs trained embeddings across d (dim)")
     for m in sc.ms:
         df = pd.concat([
-            A.summarize(runs.family("dim_freeze", **{"task.m": m}), ["model.d_model"]).assign(series="Frozen Embeddings"),
-            A.summarize(runs.family("dim_no_freeze", **{"task.m": m}), ["model.d_model"]).assign(series="Trained Embeddings"),
+            lca_analysis.summarize(runs.family("dim_freeze", **{"task.m": m}), ["model.d_model"]).assign(series="Frozen Embeddings"),
+            lca_analysis.summarize(runs.family("dim_no_freeze", **{"task.m": m}), ["model.d_model"]).assign(series="Trained Embeddings"),
         ]).rename(columns={"model.d_model": "d"})
-        fam.figures.append(_save(P.dim(df, m), out, f"dim_n{m}"))
+        fam.figures.append(_save(lca_plots.dim(df, m), out, f"dim_n{m}"))
         fr = df[df.series == "Frozen Embeddings"].set_index("d")
         tr = df[df.series == "Trained Embeddings"].set_index("d")
         if m in DIM_TARGETS:
@@ -284,23 +284,23 @@ def dims(runs: Runs, sc, out: Path) -> report.Family:
                 for d, target in zip(DIM_TARGET_DS, DIM_TARGETS[m][j]):
                     if d in t.index:
                         tol = 0.05 if name == "frozen" and 2 ** m / 4 <= d <= 2 ** m else 0.03
-                        fam.checks.append(report.compare(f"m={m} d={d} {name}", t.loc[d, "mean"], target, tol,
+                        fam.checks.append(findings.compare(f"m={m} d={d} {name}", t.loc[d, "mean"], target, tol,
                                                          t.loc[d, "sem"]))
         ds = sorted(fr.index)
         big = [d for d in ds if d >= 2 ** m]
-        fam.checks.append(report.trend(
+        fam.checks.append(findings.trend(
             f"m={m}: frozen well below trained at the smallest d; near perfect (>= 0.9) once d >= 2^m",
             bool(fr.loc[ds[0], "mean"] < tr.loc[ds[0], "mean"] - 0.1 and (not big or fr.loc[big[0], "mean"] >= 0.9)),
             ours=", ".join(f"{fr.loc[d, 'mean']:.2f}" for d in ds)))
-        fam.checks.append(report.trend(f"m={m}: trained embeddings >= 0.85 at every d",
+        fam.checks.append(findings.trend(f"m={m}: trained embeddings >= 0.85 at every d",
                                        bool((tr["mean"] >= 0.85).all()),
                                        ours=", ".join(f"{tr.loc[d, 'mean']:.2f}" for d in ds)))
     return fam
 
 
 # --- synthetic hijacking ----------------------------------------------------------------------------------
-def confusion(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Synthetic hijacking by mixing contexts (confusion_bar)",
+def confusion(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Synthetic hijacking by mixing contexts (confusion_bar)",
                         text="Standard models; two independent batches mixed position-wise at rate r; accuracy "
                              "against A's target (Target True) and B's (Target False).")
     for m in sc.ms:
@@ -308,96 +308,89 @@ def confusion(runs: Runs, sc, out: Path) -> report.Family:
         if sel.empty:
             continue
         model, task, gens = runs.stack(sel)
-        mixed = A.mixing_accuracy(model, task, [0.1 * i for i in range(11)], gens, sc.n_mix, _gen("mix", m))
+        mixed = lca_analysis.mixing_accuracy(model, task, [0.1 * i for i in range(11)], gens, sc.n_mix, _gen("mix", m))
         long = pd.concat([mixed.rename(columns={"target_true": "acc"}).assign(target="Target True"),
                           mixed.rename(columns={"target_false": "acc"}).assign(target="Target False")])
-        df = A.summarize(long, ["target", "r"], "acc")
-        fam.figures.append(_save(P.confusion_bar(df), out, f"confusion_bar_l{m}"))
+        df = lca_analysis.summarize(long, ["target", "r"], "acc")
+        fam.figures.append(_save(lca_plots.confusion_bar(df), out, f"confusion_bar_l{m}"))
         tt = df[df.target == "Target True"].sort_values("r")
         tf = df[df.target == "Target False"].sort_values("r")
         clean = float(sel["accuracy"].mean())
-        cross = A.crossing_rate(tt["r"], tt["mean"], tf["mean"])
+        cross = lca_analysis.crossing_rate(tt["r"], tt["mean"], tf["mean"])
         fam.checks += [
-            report.trend(f"m={m}: Target True falls monotonically (±0.03)", A.is_monotone(tt["mean"], False, 0.03),
+            findings.trend(f"m={m}: Target True falls monotonically (±0.03)", lca_analysis.is_monotone(tt["mean"], False, 0.03),
                          ours=", ".join(f"{v:.2f}" for v in tt["mean"])),
-            report.trend(f"m={m}: Target True at r=0 ≈ clean accuracy; ≈ 0 at r=1",
+            findings.trend(f"m={m}: Target True at r=0 ≈ clean accuracy; ≈ 0 at r=1",
                          abs(tt["mean"].iloc[0] - clean) <= 0.03 and tt["mean"].iloc[-1] <= 0.05,
                          ours=f"{tt['mean'].iloc[0]:.3f} / {tt['mean'].iloc[-1]:.3f}", paper=f"{clean:.3f} / 0"),
-            report.trend(f"m={m}: Target False rises monotonically (±0.03)", A.is_monotone(tf["mean"], True, 0.03),
+            findings.trend(f"m={m}: Target False rises monotonically (±0.03)", lca_analysis.is_monotone(tf["mean"], True, 0.03),
                          ours=", ".join(f"{v:.2f}" for v in tf["mean"])),
-            report.Check(f"m={m}: curves cross at r", cross,
+            findings.Check(f"m={m}: curves cross at r", cross,
                          "trend holds" if abs(cross - 0.5) <= 0.15 else "trend fails", 0.5, tol=0.15),
         ]
     return fam
 
 
 # --- context length ------------------------------------------------------------------------------------------
-def length(runs: Runs, sc, out: Path) -> report.Family:
-    fam = report.Family("Accuracy vs context length (length)",
+def length(runs: Runs, sc, out: Path) -> findings.Family:
+    fam = findings.Family("Accuracy vs context length (length)",
                         text="Best of the two learning rates (1e-2, 1e-3) per (m, d, L) by mean accuracy over "
                              "seeds; dashed: exact Bayes posterior accuracy (the ceiling).")
     df = runs.family("length")
-    best = A.best_lr(df)
+    best = lca_analysis.best_lr(df)
     for m in sc.ms:
-        s = A.summarize(best[best["task.m"] == m], ["model.d_model", "task.L"]).rename(
+        s = lca_analysis.summarize(best[best["task.m"] == m], ["model.d_model", "task.L"]).rename(
             columns={"model.d_model": "d", "task.L": "L"})
         bay = pd.DataFrame({"L": list(sc.lengths), "accuracy": [bayes(m, L) for L in sc.lengths]})
-        fam.figures.append(_save(P.length(s, bay), out, f"length_n{m}"))
+        fam.figures.append(_save(lca_plots.length(s, bay), out, f"length_n{m}"))
         for d, g in s.groupby("d"):
             g = g.sort_values("L")
-            fam.checks.append(report.trend(f"m={m} d={d}: accuracy rises with L", A.is_monotone(g["mean"], True, 0.02),
+            fam.checks.append(findings.trend(f"m={m} d={d}: accuracy rises with L", lca_analysis.is_monotone(g["mean"], True, 0.02),
                                            ours=", ".join(f"{v:.2f}" for v in g["mean"])))
         excess = max(r["mean"] - bayes(m, int(r["L"])) for _, r in s.iterrows())
-        fam.checks.append(report.trend(f"m={m}: never above the Bayes ceiling (+0.02)", excess <= 0.02,
+        fam.checks.append(findings.trend(f"m={m}: never above the Bayes ceiling (+0.02)", excess <= 0.02,
                                        ours=f"max excess {excess:+.3f}"))
         for L, target in BAYES_SHORT.get(m, {}).items():
-            fam.checks.append(report.Check(f"Bayes accuracy m={m} L={L}", bayes(m, L),
+            fam.checks.append(findings.Check(f"Bayes accuracy m={m} L={L}", bayes(m, L),
                                            "agrees" if abs(bayes(m, L) - target) <= 0.03 else "disagrees",
                                            target, tol=0.03, note="reference decoder (derived)"))
     return fam
 
 
 # --- theory references -----------------------------------------------------------------------------------------
-def references(runs: Runs, sc, out: Path) -> report.Family:
+def references(runs: Runs, sc, out: Path) -> findings.Family:
     from ..tasks.lca import task_for
     from ..theory.lca import decoder_accuracy
-    fam = report.Family("Theory references (reference decoders, Bayes ceiling)",
+    fam = findings.Family("Theory references (reference decoders, Bayes ceiling)",
                         text="Decoders without training on fresh sequences: W_V^con with "
                              "orthonormal embeddings and uniform attention, identity W_V, bitwise majority "
                              "(canonical low-rank embeddings), exact Bayes posterior. Then: no trained "
                              "standard-task model exceeds the Bayes accuracy of its (m, L) by more than 0.02.")
-    fig, ax = plots.new_figure()
-    for i, dec in enumerate(("constructed", "majority", "bayes", "identity")):
+    rows = []
+    for dec in ("constructed", "majority", "bayes", "identity"):
         for m in sc.ms:
-            accs = []
             for j, L in enumerate((64, 128, 256)):
                 acc = bayes(m, L) if dec == "bayes" else decoder_accuracy(
                     dec, task_for(m, L, 1.0, 0.5, 0), sc.n_ref, _gen("ref", dec, m, L))
-                accs.append(acc)
+                rows.append({"decoder": dec, "m": m, "L": L, "accuracy": acc})
                 target = 0.0 if dec == "identity" else REFERENCE[dec].get(m, (None,) * 3)[j]
                 if target is None:
-                    fam.checks.append(report.Check(f"{dec} m={m} L={L}", acc, "reference", note="no spec value"))
+                    fam.checks.append(findings.Check(f"{dec} m={m} L={L}", acc, "reference", note="no spec value"))
                 else:
                     # the spec's cell is itself a simulation (+-0.02); ours adds sampling noise
                     sampled = dec != "bayes"
                     tol = 0.02 + (2 * math.sqrt(target * (1 - target) / sc.n_ref) if sampled else 0.0)
-                    fam.checks.append(report.compare(
+                    fam.checks.append(findings.compare(
                         f"{dec} m={m} L={L}", acc, target, round(tol, 3),
                         note="reference decoder (derived)" + (f"; tol 0.02 + 2 sd of {sc.n_ref} draws" if sampled else "")))
-            ax.plot([64, 128, 256], accs, marker="o", ms=3, color=plots.COLORS[i],
-                    alpha=0.4 + 0.15 * (m - min(sc.ms)), label=dec if m == sc.ms[-1] else None)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("Context Lengths")
-    ax.set_ylabel("Accuracy")
-    ax.legend()
-    fam.figures.append(_save(fig, out, "reference_decoders"))
+    fam.figures.append(_save(lca_plots.reference_decoders(pd.DataFrame(rows)), out, "reference_decoders"))
     for name in ("standard", "dim_no_freeze", "dim_freeze", "with_wv_low_dim", "no_wv_low_dim", "length"):
         df = runs.family(name)
-        g = A.summarize(df, ["task.m", "task.L", "model.d_model", "optim.lr", "model.W_V", "model.embeddings"])
+        g = lca_analysis.summarize(df, ["task.m", "task.L", "model.d_model", "optim.lr", "model.W_V", "model.embeddings"])
         if g.empty:
             continue
         excess = [r["mean"] - bayes(int(r["task.m"]), int(r["task.L"])) for _, r in g.iterrows()]
-        fam.checks.append(report.trend(f"{name}: no model above Bayes + 0.02", max(excess) <= 0.02,
+        fam.checks.append(findings.trend(f"{name}: no model above Bayes + 0.02", max(excess) <= 0.02,
                                        ours=f"max excess {max(excess):+.3f}"))
     return fam
 

@@ -1,4 +1,5 @@
-"""Probes and evaluations for the induction-head models (library functions on stacked models).
+"""Probes and metrics of the induction-head models, read during training and by the reports
+(library functions on stacked models).
 
 Memory-recall probes (Birth's code; argmax retrieval through one stored memory), each -> [S]:
   wo1  (W_O^2)  fraction of tokens k with argmax_j w_U(j)^T W_O^2 W_V^2 w_E(k) = k
@@ -20,7 +21,6 @@ from torch import Tensor
 
 from ..models.induction import SimplifiedInduction
 from ..models.induction_fast import loss_logits
-from ..tasks.induction import Batch, TriggerBigram, position_labels
 
 
 @torch.no_grad()
@@ -60,12 +60,8 @@ def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
     return out
 
 
-def _masked_mean(v: Tensor, mask: Tensor, dims=(1, 2)) -> Tensor:
-    return (v * mask).sum(dims) / mask.sum(dims).clamp(min=1)
-
-
 @torch.no_grad()
-def evaluate(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int = 64,
+def batch_metrics(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int = 64,
              region: Tensor | None = None) -> dict[str, Tensor]:
     """Metrics of a stacked model on sequences x, y, outs [S, B, T]; values [S] (buckets: [S, nb]).
 
@@ -119,41 +115,3 @@ def evaluate(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket: int
         b = torch.as_tensor(b)
         out[k] = torch.where(b > 0, torch.as_tensor(a) / b.clamp(min=1), torch.full_like(b, float("nan")))
     return out
-
-
-def delayed_batch(ds: TriggerBigram, B: int, L0: int, g: torch.Generator) -> Batch:
-    """Sequences of length L0 + ds.T whose first L0 tokens contain no trigger (a bigram chain that
-    resamples trigger hits), followed by ds.T tokens of the trigger process; outs counts only the
-    second part. Fixed or random triggers as in ``ds``."""
-    trig = ds.sample_triggers(B, g)
-    outp = ds.sample_outputs(trig, g)
-    parts = []
-    if L0 > 0:
-        parts.append(filler_chain(ds, B, L0, trig, g))
-        start = parts[0][:, -1]
-    else:
-        start = None
-    z2 = ds.chain(B, ds.T + 1, trig, outp, g, start=start)
-    z = torch.cat(parts + [z2], 1) if parts else z2
-    x, y = z[:, :-1], z[:, 1:]
-    outs = position_labels(x, trig)
-    outs[:, :L0] = 0
-    return Batch(x, y, outs, trig, outp)
-
-
-def filler_chain(ds: TriggerBigram, B: int, L: int, avoid: Tensor, g: torch.Generator,
-                 start: Tensor | None = None) -> Tensor:
-    """[B, L] global-bigram chain that never emits a token in ``avoid`` [B, K] (per-step resampling
-    = sampling from pi_b restricted to the allowed tokens)."""
-    N = ds.N
-    allowed = torch.ones(B, N).scatter_(1, avoid, 0.0)
-    z = torch.empty(B, L, dtype=torch.long)
-    if start is None:
-        z[:, 0] = torch.multinomial(ds.pi_u[None] * allowed, 1, generator=g)[:, 0]
-    else:
-        z[:, 0] = torch.multinomial(ds.pi_b[start] * allowed + 1e-12 * allowed, 1, generator=g)[:, 0]
-    for t in range(1, L):
-        w = ds.pi_b[z[:, t - 1]] * allowed
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, allowed)
-        z[:, t] = torch.multinomial(w, 1, generator=g)[:, 0]
-    return z

@@ -3,8 +3,8 @@
     assocmem reproduce elephants [--scale quick|paper] [--out DIR] [--jobs N]
 
 Trains every run the figure families need (finished runs in ``RunStore(out_dir)`` are reused), runs
-the post-hoc analyses on the stored weights, draws every figure into ``out_dir/figures/`` and writes
-``out_dir/report.{md,html}``. Grids, seed counts and paper targets come from specs/lca.md.
+the post-hoc analyses on the stored weights, draws every figure into ``out_dir/figures/`` and returns
+the report's Section (the caller renders it as ``out_dir/report.{md,html}``). Grids, seed counts and paper targets come from specs/lca.md.
 
 ``--jobs N`` is the number of worker processes, each with one torch thread (measured: one thread per
 process is several times faster than multi-threaded torch for these small matrices, especially on a
@@ -12,49 +12,46 @@ shared machine); ``--jobs 1`` trains in-process. Without ``--jobs``: one process
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .. import report
+from .. import findings
 from ..registry import config_from, get_task, run_id
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
-from .elephants_families import FAMILIES, Runs
+from .lca_families import FAMILIES, Runs
+from .scale import REQUIRED, make_scales
 
 SPEC = get_task("lca")
 DIMS = (16, 32, 64, 128, 256, 512)
-RATES = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    ms: tuple[int, ...]
-    dims: tuple[int, ...]
-    seeds: dict[str, int]                 # family -> seed count
-    length_dims: tuple[int, ...] = (16, 32, 64)
-    lengths: tuple[int, ...] = (8, 16, 32, 64, 128)
-    big_d: int = 256                      # d of the standard / cluster families
-    big_L: int = 256                      # L of the standard / cluster / dim families
-    n_eval: int = 4096
-    n_mix: int = 1024
-    n_ref: int = 4096                     # sequences per reference-decoder cell
-    steps: int = 500
-
-
-SCALES = {
-    "paper": Scale(ms=(5, 6, 7, 8), dims=DIMS,
-                   seeds={"standard": 5, "dim": 5, "cluster": 10, "length": 5, "low_dim": 10}),
-    "quick": Scale(ms=(5, 6), dims=(16, 32, 64, 128), length_dims=(16, 64), lengths=(8, 32, 128),
-                   seeds={"standard": 2, "dim": 2, "cluster": 2, "length": 2, "low_dim": 3},
-                   big_d=64, big_L=128, n_eval=2048, n_mix=512),
+DEFAULTS = {
+    "ms": REQUIRED,
+    "dims": REQUIRED,
+    "seeds": REQUIRED,                    # family -> seed count
+    "length_dims": (16, 32, 64),
+    "lengths": (8, 16, 32, 64, 128),
+    "big_d": 256,                         # d of the standard / cluster families
+    "big_L": 256,                         # L of the standard / cluster / dim families
+    "n_eval": 4096,
+    "n_mix": 1024,
+    "n_ref": 4096,                        # sequences per reference-decoder cell
+    "steps": 500,
 }
+SCALES = make_scales(
+    DEFAULTS,
+    paper={"ms": (5, 6, 7, 8), "dims": DIMS,
+           "seeds": {"standard": 5, "dim": 5, "cluster": 10, "length": 5, "low_dim": 10}},
+    quick={"ms": (5, 6), "dims": (16, 32, 64, 128), "length_dims": (16, 64), "lengths": (8, 32, 128),
+           "seeds": {"standard": 2, "dim": 2, "cluster": 2, "length": 2, "low_dim": 3},
+           "big_d": 64, "big_L": 128, "n_eval": 2048, "n_mix": 512},
+)
 
 
 def dim_lr(m: int, d: int) -> float:
@@ -129,8 +126,8 @@ def cost(c) -> float:
 
 
 def reproduce(out_dir, scale: str = "quick", jobs: int | None = None, force: bool = False,
-              families: list[str] | None = None, backend=None) -> report.Section:
-    """Train what is missing, analyse, draw every figure family and write the report."""
+              families: list[str] | None = None, backend=None) -> findings.Section:
+    """Train what is missing, analyse, draw every figure family; returns the report's Section."""
     if scale not in SCALES:
         raise ValueError(f"scale: {scale!r} is not allowed (allowed: {', '.join(SCALES)})")
     out = Path(out_dir)
@@ -148,7 +145,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = None, force: boo
         t_train = time.perf_counter() - t0
         cpu_workers = _children_cpu() - k0
         runs = Runs(store, g)
-        sec = report.Section("elephants", "Do LLMs dream of elephants? Latent concept association (synthetic)",
+        sec = findings.Section("elephants", "Do LLMs dream of elephants? Latent concept association (synthetic)",
                              intro=INTRO.format(scale=scale))
         timings = {}
         for name, fn in FAMILIES.items():
@@ -158,7 +155,7 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = None, force: boo
             sec.families.append(fn(runs, SCALES[scale], out))
             timings[name] = round(time.perf_counter() - ta, 1)
         sec.families.append(closing_note(sec, scale))
-        sec.meta = report.run_meta(
+        sec.meta = findings.run_meta(
             scale=scale, workers=f"{workers} process(es) x 1 torch thread",
             runs=f"{len(configs)} ({rep.ran} trained now, {rep.skipped} reused, {rep.failed} failed)",
             excluded_from_analyses=runs.excluded or "none",
@@ -173,7 +170,6 @@ def reproduce(out_dir, scale: str = "quick", jobs: int | None = None, force: boo
             note="wall times depend on the load of the machine; CPU times (driver: training in-process and "
                  "analyses; workers: training in worker processes) do much less. train_job_wall_s_sum adds "
                  "the wall time of every stored run's job, including runs reused from earlier invocations")
-        report.write_report(sec, out)
         return sec
     finally:
         torch.set_num_threads(threads)
@@ -192,7 +188,7 @@ EXPLANATIONS: dict[str, str] = {
 }
 
 
-def closing_note(sec: report.Section, scale: str) -> report.Family:
+def closing_note(sec: findings.Section, scale: str) -> findings.Family:
     """A last family whose text names every check that disagrees or fails, with the known reason."""
     bad = [c for c in sec.checks() if c.verdict in ("disagrees", "trend fails", "missing")]
     if not bad:
@@ -201,12 +197,12 @@ def closing_note(sec: report.Section, scale: str) -> report.Family:
         lines = [f"{len(bad)} of {len(sec.checks())} checks disagree or fail at {scale} scale:"]
         for c in bad:
             why = next((v for k, v in EXPLANATIONS.items() if c.name.startswith(k)), "no explanation recorded")
-            lines.append(f"- {c.name} ({c.verdict}; ours {report._fmt(c.ours)}, paper {report._fmt(c.paper)}): {why}")
+            lines.append(f"- {c.name} ({c.verdict}; ours {findings.fmt(c.ours)}, paper {findings.fmt(c.paper)}): {why}")
         if scale != "paper":
             lines.append("At quick scale the grid is reduced (fewer seeds, smaller d and L for some families); "
                          "run --scale paper for the comparison the checks are meant for.")
         text = "\n\n".join(lines)
-    return report.Family("Closing note", text=text)
+    return findings.Family("Closing note", text=text)
 
 
 INTRO = """Scale: {scale}. Every figure of the synthetic part of the paper (Jiang, Rajendran, Ravikumar, \
@@ -217,4 +213,3 @@ takes from the paper or its code (tolerance from the spec), trend holds/fails fo
 reference for theory values. At quick scale the grid, seeds and some settings are reduced, so numeric \
 verdicts there are indicative only."""
 
-Builder = Callable[[Runs, Scale, Path], report.Family]
