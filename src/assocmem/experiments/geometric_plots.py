@@ -10,17 +10,23 @@ from .. import plots
 from ..tasks.geometric import log2_factorial
 
 
+def _line_per_group(ax, df: pd.DataFrame, group: str, x: str, y: str, label: str = "{}") -> list[str]:
+    """One line (markers, x ascending) per value of ``group``; returns the colours used, in order."""
+    colors = []
+    for i, (key, g) in enumerate(df.groupby(group)):
+        g = g.sort_values(x)
+        colors.append(plots.COLORS[i % len(plots.COLORS)])
+        ax.plot(g[x], g[y], marker="o", color=colors[-1], label=label.format(key))
+    return colors
+
+
 @plots.figure("geo_e0_margin", "geo_e0_noise")
 def margin_vs_d0(df: pd.DataFrame, y: str = "min_margin", title: str = "") -> plots.plt.Figure:
     """df: N, d0, <y> (mean over seeds), accuracy."""
     fig, ax = plots.new_figure()
-    for i, (N, g) in enumerate(df.groupby("N")):
-        g = g.sort_values("d0")
-        ax.plot(g["d0"], g[y], marker="o", color=plots.COLORS[i % 8], label=f"N={N}")
+    _line_per_group(ax, df, "N", "d0", y, "N={}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("block size d0")
-    ax.set_ylabel(y.replace("_", " "))
-    ax.set_title(title)
+    ax.set(xlabel="block size d0", ylabel=y.replace("_", " "), title=title)
     ax.legend()
     return fig
 
@@ -29,14 +35,13 @@ def margin_vs_d0(df: pd.DataFrame, y: str = "min_margin", title: str = "") -> pl
 def overlap_dstar(df: pd.DataFrame) -> plots.plt.Figure:
     """df: C, N, Dstar; guides 6*C*ln N and 9*C*ln N."""
     fig, ax = plots.new_figure()
-    for i, (N, g) in enumerate(df.groupby("N")):
-        g = g.sort_values("C")
-        ax.plot(g["C"], g["Dstar"], marker="o", color=plots.COLORS[i % 8], label=f"N={N}")
-        ax.plot(g["C"], 6 * g["C"] * math.log(N), ls=":", color=plots.COLORS[i % 8], lw=1)
-        ax.plot(g["C"], 9 * g["C"] * math.log(N), ls="--", color=plots.COLORS[i % 8], lw=1)
-    ax.set_xlabel("superposed codes C")
-    ax.set_ylabel("D* (100% accuracy)")
-    ax.set_title("overlapping construction (dotted 6C ln N, dashed 9C ln N)")
+    colors = _line_per_group(ax, df, "N", "C", "Dstar", "N={}")
+    for (N, g), c in zip(df.groupby("N"), colors):
+        C = np.sort(g["C"].to_numpy())
+        ax.plot(C, 6 * C * math.log(N), ls=":", color=c, lw=1)
+        ax.plot(C, 9 * C * math.log(N), ls="--", color=c, lw=1)
+    ax.set(xlabel="superposed codes C", ylabel="D* (100% accuracy)",
+           title="overlapping construction (dotted 6C ln N, dashed 9C ln N)")
     ax.legend()
     return fig
 
@@ -74,9 +79,8 @@ def dstar_vs_logN(df: pd.DataFrame, alpha: float | None, beta: float | None,
             lb = [R * log2_factorial(int(n)) / (n * b) for n in Ns]
             ax.plot(np.log2(Ns), lb, ls=ls, color=c, lw=0.8, alpha=0.7,
                     label=f"bound b={b}" if i == 0 else None)
-    ax.set_xlabel("log2 N")
-    ax.set_ylabel("d* (100% accuracy)")
-    ax.set_title("d* vs log2 N (dashed: fit; dotted: d >= R log2(N!)/(N b))")
+    ax.set(xlabel="log2 N", ylabel="d* (100% accuracy)",
+           title="d* vs log2 N (dashed: fit; dotted: d >= R log2(N!)/(N b))")
     ax.legend(fontsize=7)
     return fig
 
@@ -85,13 +89,10 @@ def dstar_vs_logN(df: pd.DataFrame, alpha: float | None, beta: float | None,
 def frozen_width(df: pd.DataFrame) -> plots.plt.Figure:
     """df: NR, mstar, regime."""
     fig, ax = plots.new_figure()
-    for i, (reg, g) in enumerate(df.groupby("regime")):
-        g = g.sort_values("NR")
-        ax.plot(g["NR"], g["mstar"], marker="o", color=plots.COLORS[i % 8], label=reg)
+    _line_per_group(ax, df, "regime", "NR", "mstar")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("facts N*R")
-    ax.set_ylabel("MLP width m* (100% accuracy)")
+    ax.set(xlabel="facts N*R", ylabel="MLP width m* (100% accuracy)")
     ax.legend()
     return fig
 
@@ -152,8 +153,6 @@ def multihop(df: pd.DataFrame) -> plots.plt.Figure:
         g = g.sort_values("k")
         ax.plot(g["k"], g["dstar"], marker="o", ls="-" if cot else "--", color=plots.COLORS[i % 8],
                 label=f"R={R} {'CoT' if cot else 'no CoT'}")
-    ax.set_xlabel("hops k")
-    ax.set_ylabel("d* (100% chains)")
-    ax.set_title("multi-hop: d* vs k")
+    ax.set(xlabel="hops k", ylabel="d* (100% chains)", title="multi-hop: d* vs k")
     ax.legend()
     return fig

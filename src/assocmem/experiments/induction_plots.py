@@ -79,14 +79,21 @@ def bucket_curves(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _by_model(df: pd.DataFrame):
+    """(model, its rows, its colour) in order of first appearance."""
+    for i, (model, g) in enumerate(df.groupby("model", sort=False)):
+        yield model, g, COLORS[i % len(COLORS)]
+
+
 @figure("ws_delay")
 def delay_curves(df: pd.DataFrame) -> plt.Figure:
     """df: model, L0, acc_end."""
     fig, ax = _subplots(1)
-    for i, (model, g) in enumerate(df.groupby("model", sort=False)):
-        ax[0, 0].plot(g["L0"], g["acc_end"], marker="o", label=model, color=COLORS[i % len(COLORS)])
-    ax[0, 0].set(xlabel="delay L0 (tokens without triggers)", ylabel="in-context accuracy")
-    ax[0, 0].legend(fontsize=8)
+    a = ax[0, 0]
+    for model, g, c in _by_model(df):
+        a.plot(g["L0"], g["acc_end"], marker="o", label=model, color=c)
+    a.set(xlabel="delay L0 (tokens without triggers)", ylabel="in-context accuracy")
+    a.legend(fontsize=8)
     return fig
 
 
@@ -100,8 +107,7 @@ def _model_and_rule(ax: plt.Axes, x, model_y, rule_y, color: str, label: str) ->
 def hijack_fraction(df: pd.DataFrame) -> plt.Figure:
     """df rows (single + conflict prompts): model, frac_o, model_o_wins, rule_o_wins, gap_model, gap_rule."""
     fig, ax = _subplots(2)
-    for i, (model, g) in enumerate(df.groupby("model", sort=False)):
-        c = COLORS[i % len(COLORS)]
+    for model, g, c in _by_model(df):
         agg = g.groupby("frac_o").agg(win=("model_o_wins", "mean"), rule=("rule_o_wins", "mean"),
                                      gap=("gap_model", "mean"), gap_rule=("gap_rule", "mean")).reset_index()
         _model_and_rule(ax[0, 0], agg["frac_o"], agg["win"], agg["rule"], c, model)
@@ -116,9 +122,9 @@ def hijack_fraction(df: pd.DataFrame) -> plt.Figure:
 def hijack_logprob(df: pd.DataFrame) -> plt.Figure:
     """df rows (single family): model, log_pi_o, model_o_wins, rule_o_wins."""
     fig, ax = _subplots(1)
-    for i, (model, g) in enumerate(df.groupby("model", sort=False)):
+    for model, g, c in _by_model(df):
         agg = g.groupby("log_pi_o").agg(win=("model_o_wins", "mean"), rule=("rule_o_wins", "mean")).reset_index()
-        _model_and_rule(ax[0, 0], agg["log_pi_o"], agg["win"], agg["rule"], COLORS[i % len(COLORS)], model)
+        _model_and_rule(ax[0, 0], agg["log_pi_o"], agg["win"], agg["rule"], c, model)
     ax[0, 0].set(xlabel="log pi_b(o | q)", ylabel="in-context win rate", title="solid: model, dashed: closed form")
     ax[0, 0].legend(fontsize=7)
     return fig

@@ -14,6 +14,7 @@ import torch
 
 from .. import findings, plots
 from ..analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
+from ..runners.induction_probes import LengthResult
 from ..tasks.induction import CharStats
 from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
 from . import induction_plots
@@ -30,23 +31,24 @@ def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataF
         m = metrics[pos]
         delay_rows.append({"model": f"trained {lab}", "L0": 0, "acc_end": m["acc_end"]})
         for Tt in sc.T_test:
-            for j, (a, p) in enumerate(zip(m[f"bucket_acc_T{Tt}"], m[f"bucket_prev_T{Tt}"])):
+            r = LengthResult.read(m, Tt)
+            for j, (a, p) in enumerate(zip(r.bucket_acc, r.bucket_prev)):
                 rows.append({"model": f"trained {lab}", "T_test": Tt, "bucket_start": j * c.eval.bucket, "acc": a,
                              "prev": p, "T_train": sc.T})
-            delay_rows.append({"model": f"trained {lab}", "L0": Tt - sc.T, "acc_end": m[f"acc_end_T{Tt}"]})
+            delay_rows.append({"model": f"trained {lab}", "L0": Tt - sc.T, "acc_end": r.acc_end})
         checks.append(findings.Check(f"trained {lab}: acc_end at T_train={sc.T}", m["acc_end"], "trend only"))
     delay_df = pd.concat([delay_df, pd.DataFrame(delay_rows)], ignore_index=True)
     plots.save(induction_plots.bucket_curves(pd.DataFrame(rows)), fig_dir, "ws_length_buckets")
     plots.save(induction_plots.delay_curves(delay_df), fig_dir, "ws_delay")
-    ra, rr = metrics["ape"], metrics["rel_bias"]
     Tm = max(sc.T_test)
+    ape, rpe = (LengthResult.read(metrics[pos], Tm) for pos in ("ape", "rel_bias"))
+    ape_in, rpe_in = metrics["ape"]["acc_end"], metrics["rel_bias"]["acc_end"]
     checks.append(findings.trend(f"C-13 RPE keeps in-context accuracy beyond T_train (T_test={Tm}) within 0.1 of in-range",
-                               rr[f"acc_end_T{Tm}"] >= rr["acc_end"] - 0.1, f"{rr[f'acc_end_T{Tm}']:.3f} vs {rr['acc_end']:.3f}"))
+                                 rpe.acc_end >= rpe_in - 0.1, f"{rpe.acc_end:.3f} vs {rpe_in:.3f}"))
     checks.append(findings.trend(f"C-13 APE drops toward the global-only level beyond T_train (T_test={Tm})",
-                               ra[f"acc_end_T{Tm}"] <= 0.5 * ra["acc_end"], f"{ra[f'acc_end_T{Tm}']:.3f} vs {ra['acc_end']:.3f}"))
+                                 ape.acc_end <= 0.5 * ape_in, f"{ape.acc_end:.3f} vs {ape_in:.3f}"))
     checks.append(findings.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
-                               ra[f"prev_tok_T{Tm}"] < rr[f"prev_tok_T{Tm}"] - 0.2,
-                               f"APE {ra[f'prev_tok_T{Tm}']:.3f}, RPE {rr[f'prev_tok_T{Tm}']:.3f}"))
+                                 ape.prev_tok < rpe.prev_tok - 0.2, f"APE {ape.prev_tok:.3f}, RPE {rpe.prev_tok:.3f}"))
     return findings.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
                          ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
                          f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss, lr {sc.lr_ws}, {sc.steps} steps); RPE = learned "

@@ -98,6 +98,7 @@ class OptimCfg:
 
 @dataclasses.dataclass(frozen=True)
 class GeoConfig(RunConfig):
+    """One geometric-recall run (specs/geometric.md): facts, model, masked AdamW with its stopping rule."""
     task: TaskCfg = dataclasses.field(default_factory=TaskCfg)
     model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
     optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)

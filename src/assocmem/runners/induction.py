@@ -22,7 +22,7 @@ from ..training import RunConfig, resolve_device
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..registry import RunResult, TaskSpec
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats, resolve_data_path
-from .induction_probes import batch_metrics, memory_probes
+from .induction_probes import LengthResult, batch_metrics, memory_probes
 from .induction_step import chunked_step, stat_parts
 
 PARAM_NAMES = ("W_K1", "W_K2", "W_O2", "W_F", "P", "b_rel")
@@ -295,10 +295,8 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                     vals = [pick(v) for v in curves[k][:len(steps_)]]
                     met[f"t50_{k}"] = first_step(steps_, vals, 0.5)
         for Tt, r in long.items():
-            met[f"acc_end_T{Tt}"] = float(r["acc_end"][i])
-            met[f"prev_tok_T{Tt}"] = float(r["prev_tok_all"][i])
-            met[f"bucket_acc_T{Tt}"] = r["bucket_acc"][i].tolist()
-            met[f"bucket_prev_T{Tt}"] = r["bucket_prev"][i].tolist()
+            met.update(LengthResult(Tt, float(r["acc_end"][i]), float(r["prev_tok_all"][i]),
+                                    r["bucket_acc"][i].tolist(), r["bucket_prev"][i].tolist()).flat())
         met["bucket_acc"] = final["bucket_acc"][i].tolist()
         met["curves"] = {k: ([pick(x) for x in v] if k != "step" else v) for k, v in curves.items()}
         met["eval_curves"] = {k: ([pick(x) for x in v] if k != "step" else v) for k, v in ecurves.items()}

@@ -13,7 +13,9 @@ per-position-bucket accuracies.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +117,24 @@ def batch_metrics(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket
         b = torch.as_tensor(b)
         out[k] = torch.where(b > 0, torch.as_tensor(a) / b.clamp(min=1), torch.full_like(b, float("nan")))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthResult:
+    """A trained model's metrics on sequences of length T (beyond its training length), whose
+    in-context pairs all lie past the first T_train positions (:func:`delayed_batch`).
+
+    Stored flat in the run's metrics (``acc_end_T512``, ...: scalars reach the parquet table); read
+    them back with :meth:`read`, never by formatting key names."""
+    T: int
+    acc_end: float                 # in-context accuracy (outs >= 2)
+    prev_tok: float                # layer-1 previous-token accuracy at every position
+    bucket_acc: list[float]        # acc_end per position bucket
+    bucket_prev: list[float]       # previous-token accuracy per position bucket
+
+    def flat(self) -> dict[str, float | list[float]]:
+        return {f"{name}_T{self.T}": getattr(self, name) for name in ("acc_end", "prev_tok", "bucket_acc", "bucket_prev")}
+
+    @classmethod
+    def read(cls, metrics: Mapping, T: int) -> LengthResult:
+        return cls(T, **{name: metrics[f"{name}_T{T}"] for name in ("acc_end", "prev_tok", "bucket_acc", "bucket_prev")})

@@ -49,6 +49,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LCAConfig(RunConfig):
+    """One LCA run (specs/lca.md): the task (m, L, beta, rho, clusters), the one-layer model, AdamW, evaluation."""
     task: LCATaskConfig = dataclasses.field(default_factory=LCATaskConfig)
     model: LCAModelConfig = dataclasses.field(default_factory=LCAModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
