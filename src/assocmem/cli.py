@@ -15,6 +15,7 @@ how many, and exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -59,6 +60,34 @@ def _jobs(value: int | None) -> int | None:
     return value
 
 
+@contextlib.contextmanager
+def _step_progress(enabled: bool):
+    """A progress bar on stderr (step, loss, ETA) for the training loops run inside the block."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    from .training import on_step
+    bar = None
+
+    def show(step: int, total: int, values: dict) -> None:
+        nonlocal bar
+        if bar is None or step < bar.n:            # first loop, or the next stack of a multi-stack run
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        if bar.update(step - bar.n) and values.get("loss") is not None:
+            bar.set_postfix(loss=f"{float(values['loss'].detach().float().nanmean()):.4g}")
+
+    try:
+        with on_step(show):
+            yield
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .registry import config_from, get_task, run_id
     from .store import RunStore
@@ -70,7 +99,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = RunStore(_out(args.out))
     rid = run_id(task, cfg)
     t0 = time.perf_counter()
-    rep = run_configs(task, [cfg], store, force=args.force, progress=False)
+    with _step_progress(sys.stderr.isatty()):
+        rep = run_configs(task, [cfg], store, force=args.force, progress=False)
     rec = store.load(rid)
     metrics = rec.get("metrics") or {}
     out = {"run_id": rid, "task": task.name, "status": rec["status"], "skipped": rep.skipped == 1,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import contextvars
 import dataclasses
 import os
 import pickle
@@ -82,6 +84,29 @@ class Optimizer:
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, cfg.eps)
         torch._foreach_addcdiv_(params, self.m, denom, -step_size)
+
+
+_ON_STEP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("assocmem_on_step", default=None)
+
+
+@contextlib.contextmanager
+def on_step(callback: Callable[[int, int, dict], None]):
+    """While active, every training loop reports each finished step as ``callback(step, total,
+    values)``: ``step`` counts from 1, ``total`` is the loop's step budget (a loop may stop earlier),
+    ``values`` holds what the loop already has at hand (e.g. ``loss``: a tensor of per-member losses;
+    the callback converts it). Forked parts of a run report nothing; their parent reports."""
+    token = _ON_STEP.set(callback)
+    try:
+        yield
+    finally:
+        _ON_STEP.reset(token)
+
+
+def step_done(step: int, total: int, **values) -> None:
+    """Called by the training loops after each step; costs one context lookup when nothing listens."""
+    callback = _ON_STEP.get()
+    if callback is not None:
+        callback(step, total, values)
 
 
 def make_optimizer(params, cfg: OptimConfig) -> Optimizer:
@@ -185,6 +210,7 @@ class ForkedCall:
             try:
                 die_with_parent(parent, watchdog=False)    # killed with its parent, kill -9 included
                 os.close(r)
+                _ON_STEP.set(None)                         # the parent reports progress, not its parts
                 try:
                     payload = pickle.dumps((True, fn(arg)), protocol=pickle.HIGHEST_PROTOCOL)
                 except BaseException as e:  # noqa: BLE001 - reported to the parent

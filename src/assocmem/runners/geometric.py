@@ -26,7 +26,7 @@ from torch import Tensor
 from ..config import ConfigError, Seeds, param
 from ..models.geometric import WEIGHT_NAMES, StackedTransformer, unembed_cross_entropy
 from ..registry import RunResult, TaskSpec
-from ..training import RunConfig, resolve_device
+from ..training import RunConfig, resolve_device, step_done
 from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
 from ..theory.geometric import recall_metrics
 
@@ -237,6 +237,7 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
             p.grad = None
         (loss * active.float()).nan_to_num(0.0).sum().backward()
         adamw_step(params, state, step + 1, active, o, masks)
+        step_done(step + 1, o.max_steps, loss=loss)
     for p in params.values():
         p.grad = None
         p.requires_grad_(False)

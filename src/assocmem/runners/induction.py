@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, param
-from ..training import RunConfig, resolve_device
+from ..training import RunConfig, resolve_device, step_done
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..registry import RunResult, TaskSpec
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats, resolve_data_path
@@ -263,6 +263,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                 if p.grad is not None and name in PARAM_NAMES:
                     curves.setdefault(f"grad_{name}", []).append(p.grad.flatten(1).norm(dim=1).tolist())
         opt.step()
+        step_done(step + 1, o.steps, loss=per)
     final = log_eval(o.steps)
     ecurves["step"].pop()
     for k in list(ecurves):

@@ -16,7 +16,7 @@ from ..config import ConfigError, param
 from ..models.lca import LCAModel
 from ..registry import RunResult, TaskSpec
 from ..tasks.lca import LCATask, counts, task_for
-from ..training import OptimConfig, RunConfig, finite_members, make_optimizer, resolve_device, run_split
+from ..training import OptimConfig, RunConfig, finite_members, make_optimizer, resolve_device, run_split, step_done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +174,7 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
         opt.step()
         if tail:
             recent += loss.detach() / min(20, cfg.optim.steps)
+        step_done(step + 1, cfg.optim.steps, loss=loss if tail or batches is None else None)
     ok = finite_members(recent[:, None], *(p for p in model.parameters()))
     acc, eval_loss = accuracy_and_loss(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
                               cfg.model.path)
