@@ -1,43 +1,136 @@
-"""Exact fp32 matrix products on the CPU through numpy's BLAS, for single-threaded training.
+"""Exact fp32 matrix products on the CPU, single-threaded, through the faster of two BLAS routes.
 
-PyTorch's CPU wheels multiply with MKL, which takes its generic AVX2 code path on AMD processors.
-numpy's bundled OpenBLAS is faster there. On an AMD EPYC (Zen 5), single-threaded, it is about 1.25x
-faster on the LCA count path's small batched products with its AVX2 ("Haswell") kernels and about
-2x with its AVX-512 ("SkylakeX") kernels, and an induction training step takes 1.65 s (Haswell) or
-1.27 s (SkylakeX) instead of 1.88 s (benchmarks/lca_speed.py, benchmarks/induction_speed.py).
-OpenBLAS picks its kernels when it loads (``OPENBLAS_CORETYPE`` overrides the choice).
+PyTorch's CPU wheels multiply with MKL (or oneDNN); numpy brings OpenBLAS, which picks its kernels for
+the CPU when it loads (``OPENBLAS_CORETYPE`` overrides the choice). Which one is faster for the small
+batched products of single-threaded training depends on the machine: on an AMD EPYC, numpy's OpenBLAS
+won (MKL takes its generic path on AMD), on a 2-core Intel Xeon torch won by about 18%
+(benchmarks/lca_speed.py). So the route is measured, not assumed: :func:`route` times both on a few
+products shaped like the LCA and induction training steps the first time it is needed on a machine,
+caches the answer in the user's cache folder (``blas-route.json``, keyed by CPU model, torch, numpy
+and OpenBLAS versions and kernels) and reuses it. ``ASSOCMEM_BLAS=numpy|torch`` overrides it; every
+sweep records the route in its runs' meta.
 
-:func:`matmul` sends CPU float32 products through numpy (zero-copy views; the same fp32 maths in
-another summation order; autograd-aware) when torch runs single-threaded: tiny models, the forked
-halves of a stack, sweep workers. With several torch threads it uses torch, because OpenBLAS's and
-torch's spinning thread pools fight over the cores (a 2-thread induction step took 3.1 s instead of
-1.0 s). numpy's BLAS is kept at one thread. ``ASSOCMEM_BLAS=torch`` always uses torch.
+:func:`matmul` uses the numpy route only when torch runs single-threaded (tiny models, the forked
+halves of a stack, sweep workers): with several torch threads, OpenBLAS's and torch's spinning thread
+pools fight over the cores (a 2-thread induction step took 3.1 s instead of 1.0 s). numpy's BLAS is
+kept at one thread. Both routes compute the same fp32 products in another summation order.
 """
 from __future__ import annotations
 
 import os
+import platform
+import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-_USE_NUMPY = os.environ.get("ASSOCMEM_BLAS", "numpy") != "torch"
-_one_thread = False   # numpy's BLAS set to one thread (once per process; forked children inherit it)
+ROUTES = ("numpy", "torch")
+# calibration products (batch, n, k, m): the LCA count path's [S, V, d] x [d, d] at m = 6..8, d = 64..256,
+# and the induction step's [B*T, d] x [d, d] products at d = 256
+SHAPES = ((1, 65, 64, 64), (4, 257, 256, 256), (1, 2048, 256, 256))
+_route: str | None = None      # decided once per process (forked children inherit it)
+_one_thread = False            # numpy's BLAS set to one thread (once per process; forked children inherit it)
 
 
-def _np_matmul(a: Tensor, b: Tensor) -> Tensor:
+def _np_threads_one() -> None:
     global _one_thread
-    import numpy as np
     if not _one_thread:
         import threadpoolctl
         for lib in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers:
             lib.set_num_threads(1)
         _one_thread = True
+
+
+def machine_key() -> dict[str, str]:
+    """What the faster route depends on: CPU model, library versions, OpenBLAS's kernels."""
+    import numpy as np
+    import threadpoolctl
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
+            for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    return {"cpu": cpu, "torch": torch.__version__, "numpy": np.__version__, "blas": "; ".join(blas),
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "")}
+
+
+def measure(repeat: int = 5, inner: int = 8, timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per route for ``inner`` passes over :data:`SHAPES` (best of ``repeat``, after one
+    warm-up pass), torch at one thread. About half a second in all."""
+    import numpy as np
+    _np_threads_one()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(b, n, k, generator=g), torch.randn(b, k, m, generator=g)) for b, n, k, m in SHAPES]
+    calls = {"numpy": lambda a, b: np.matmul(a.numpy(), b.numpy()), "torch": lambda a, b: a @ b}
+    try:
+        out = {}
+        for name, fn in calls.items():
+            for a, b in pairs:
+                fn(a, b)
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = timer()
+                for _ in range(inner):
+                    for a, b in pairs:
+                        fn(a, b)
+                best = min(best, timer() - t0)
+            out[name] = best
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def route() -> str:
+    """``numpy`` or ``torch``: ``$ASSOCMEM_BLAS`` if set, else the faster on this machine (measured
+    once by :func:`measure` and cached under :func:`assocmem.io.cache_dir`)."""
+    global _route
+    if _route is None:
+        _route = _decide()
+    return _route
+
+
+def _decide() -> str:
+    forced = os.environ.get("ASSOCMEM_BLAS", "")
+    if forced in ROUTES:
+        return forced
+    if forced:
+        raise ValueError(f"ASSOCMEM_BLAS: {forced!r} is not allowed (allowed: {', '.join(ROUTES)}, or unset)")
+    from . import io
+    key = machine_key()
+    path = io.cache_dir() / "blas-route.json"
+    digest = io.content_hash(key)
+    try:
+        import json
+        table = json.loads(path.read_text())
+        if table.get(digest, {}).get("route") in ROUTES:
+            return table[digest]["route"]
+    except (OSError, ValueError, AttributeError):
+        table = {}
+    times = measure()
+    choice = min(ROUTES, key=times.get)
+    table[digest] = {"route": choice, "seconds": times, "key": key}
+    try:
+        io.atomic_write_json(path, table)
+    except OSError:          # a read-only cache: measured again next time
+        pass
+    return choice
+
+
+def _np_matmul(a: Tensor, b: Tensor) -> Tensor:
+    import numpy as np
+    _np_threads_one()
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 def _numpy_ok(a: Tensor, b: Tensor) -> bool:
-    return (_USE_NUMPY and a.device.type == "cpu" and b.device.type == "cpu"
-            and a.dtype == b.dtype == torch.float32 and torch.get_num_threads() == 1)
+    return (a.device.type == "cpu" and b.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and torch.get_num_threads() == 1 and route() == "numpy")
 
 
 class _Matmul(torch.autograd.Function):

@@ -328,6 +328,9 @@ def run_configs(task: TaskSpec, configs: Sequence[Any], store: RunStore, *, back
         meta["torch"] = torch.__version__
     except ImportError:
         pass
+    if todo and isinstance(backend, LocalBackend):
+        from .blas import route
+        meta["blas"] = route()       # the route of single-threaded fp32 products on this machine
     bar = tqdm(total=len(todo), desc=desc or task.name, unit="run", disable=not progress or not todo,
                file=sys.stderr, dynamic_ncols=True)
     results_iter = backend.map(jobs)
