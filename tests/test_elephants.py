@@ -106,6 +106,12 @@ def test_report_builder_on_a_tiny_grid(tmp_path, monkeypatch):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| check")]
     assert len(rows) == len(checks)
     assert all(any(f"| {v} |" in ln for v in findings.VERDICTS) for ln in rows)
+    # the reference decoders and Bayes accuracies are ours (derived): shown as references, never judged
+    derived = [ln for ln in rows if "(ours, derived)" in ln]
+    assert any("| reference |" in ln for ln in derived)
+    assert not any("| agrees |" in ln or "| disagrees |" in ln for ln in derived)
+    wv = [c for c in checks if c.name.startswith("L=64 m=")]
+    assert wv and all(c.source == "code" and c.verdict in ("agrees", "disagrees") for c in wv)
     assert "total_wall_s" in md and "Run metadata" in md
     # a second call reuses every stored run
     sec2 = E.reproduce(tmp_path, scale="tiny", jobs=1, families=["wv_bar"])

@@ -11,35 +11,64 @@ import platform
 from typing import Any
 
 VERDICTS = ("agrees", "disagrees", "trend holds", "trend fails", "trend only", "reference", "missing")
+SOURCES = ("paper", "code", "derived")
+# how the reference column names each source
+SOURCE_LABEL = {"paper": "paper", "code": "authors' code", "derived": "ours, derived"}
+DERIVED_NOTE = "ours (derived): shown, not judged; the law rows are judged"
 
 
 @dataclasses.dataclass
 class Check:
     """One row of a family's table.
 
-    verdict: agrees/disagrees (numeric, ``|ours - paper| <= tol``), trend holds/fails (qualitative
-    claim tested on our data), trend only (no paper number; ours shown), reference (a theory value),
-    missing (could not be computed).
+    verdict: agrees/disagrees (numeric, ``|ours - reference| <= tol``, only against a number from the
+    paper or the authors' code), trend holds/fails (a law tested on our data), trend only (no reference
+    number; ours shown), reference (the reference is our own derived number, or a theory value: shown,
+    not judged), missing (could not be computed).
+
+    source: where ``reference`` comes from, one of :data:`SOURCES` ("paper", "code" = the authors'
+    code, "derived" = ours); None exactly when there is no reference value.
     """
     name: str
     ours: float | str | None
     verdict: str
-    paper: float | str | None = None
+    reference: float | str | None = None
     sem: float | None = None
     tol: float | None = None
     note: str = ""
+    source: str | None = None
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict: {self.verdict!r} is not allowed (allowed: {', '.join(VERDICTS)})")
+        if self.source is not None and self.source not in SOURCES:
+            raise ValueError(f"source: {self.source!r} is not allowed (allowed: {', '.join(SOURCES)}, or None)")
+        if (self.reference is None) != (self.source is None):
+            raise ValueError(f"{self.name}: a reference value needs a source and a source needs a reference value "
+                             f"(reference {self.reference!r}, source {self.source!r})")
+        if self.source == "derived" and self.verdict in ("agrees", "disagrees"):
+            raise ValueError(f"{self.name}: a derived number is a reference, never agrees/disagrees")
+
+    def reference_text(self) -> str:
+        """The reference value with its source, e.g. ``0.91 (paper)``; "–" when there is none."""
+        if self.reference is None:
+            return fmt(None)
+        return f"{fmt(self.reference)} ({SOURCE_LABEL[self.source]})"
 
 
-def compare(name: str, ours: float | None, paper: float, tol: float, sem: float | None = None,
-            note: str = "") -> Check:
-    """Numeric check: agrees when ``|ours - paper| <= tol``."""
+def compare(name: str, ours: float | None, reference: float, tol: float, sem: float | None = None,
+            note: str = "", *, source: str) -> Check:
+    """Numeric check against ``reference`` from ``source``: agrees when ``|ours - reference| <= tol``.
+
+    With ``source="derived"`` (our own number) the verdict is ``reference``: ours, the reference and tol
+    stay visible and the note says that the law checks beside it are what is judged."""
     if ours is None or (isinstance(ours, float) and math.isnan(ours)):
-        return Check(name, None, "missing", paper, sem, tol, note)
-    return Check(name, ours, "agrees" if abs(ours - paper) <= tol else "disagrees", paper, sem, tol, note)
+        return Check(name, None, "missing", reference, sem, tol, note, source)
+    if source == "derived":
+        return Check(name, ours, "reference", reference, sem, tol, f"{note}; {DERIVED_NOTE}" if note else DERIVED_NOTE,
+                     source)
+    return Check(name, ours, "agrees" if abs(ours - reference) <= tol else "disagrees", reference, sem, tol, note,
+                 source)
 
 
 def usable_runs(df, status: str = "status") -> tuple[Any, str]:
@@ -56,9 +85,10 @@ def usable_runs(df, status: str = "status") -> tuple[Any, str]:
     return df[ok], note
 
 
-def trend(name: str, holds: bool, ours: Any = None, paper: Any = None, note: str = "") -> Check:
-    """Qualitative check: a claim evaluated on our data."""
-    return Check(name, ours, "trend holds" if holds else "trend fails", paper, note=note)
+def trend(name: str, holds: bool, ours: Any = None, reference: Any = None, note: str = "",
+          source: str | None = None) -> Check:
+    """Qualitative check: a law evaluated on our data (``reference``, if given, from ``source``)."""
+    return Check(name, ours, "trend holds" if holds else "trend fails", reference, note=note, source=source)
 
 
 @dataclasses.dataclass

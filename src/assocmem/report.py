@@ -12,10 +12,10 @@ from .io import atomic_write_text
 
 
 def _table_rows(checks: Sequence[Check]) -> list[list[str]]:
-    return [[c.name, fmt(c.ours), fmt(c.sem), fmt(c.paper), fmt(c.tol), c.verdict, c.note] for c in checks]
+    return [[c.name, fmt(c.ours), fmt(c.sem), c.reference_text(), fmt(c.tol), c.verdict, c.note] for c in checks]
 
 
-HEADER = ["check", "ours", "sem", "paper", "tol", "verdict", "note"]
+HEADER = ["check", "ours", "sem", "reference", "tol", "verdict", "note"]
 
 
 def to_markdown(section: Section) -> str:

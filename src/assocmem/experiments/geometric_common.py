@@ -21,7 +21,8 @@ from .scale import REQUIRED, Scale, make_scales
 
 RECONSTRUCTED = ("All settings, constructions and protocols here are our reconstruction (spec tags [ours]); "
                  "the paper's theorems, hyperparameters and figures were unavailable. No check compares with a "
-                 "paper number: verdicts are 'trend holds/fails' on the claims, or 'trend only'.")
+                 "paper number: verdicts are 'trend holds/fails' on the claims and the spec's laws, 'reference' for "
+                 "our own derived numbers (the reference column says 'ours, derived'), or 'trend only'.")
 
 
 # E1 d grid: steps of at most 1.25x from 8 up to 20, fine enough that rounding up to the next grid value cannot

@@ -129,13 +129,13 @@ def _checks(model: str, summ: dict[str, pd.DataFrame], ks: Sequence[int]) -> lis
             stays = all(v.value[k] > v.hi[k0] for k in ks if k1 <= k <= 5)
             out.append(findings.trend(f"{model}: {c.figure} rises k={k0}->{k1} (CIs apart), stays up to k=5",
                                     up and stays, round(float(v.value[k1] - v.value[k0]), 3),
-                                    "ES rises with k", note))
+                                    "ES rises with k", note, source="paper"))
         elif c.scheme.endswith("false"):
             out.append(findings.trend(f"{model}: {c.figure} ES(k={kmax}) > ES(k={k0})", v.value[kmax] > v.value[k0],
-                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES rises with k", note))
+                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES rises with k", note, source="paper"))
         else:
             out.append(findings.trend(f"{model}: {c.figure} ES(k={kmax}) < ES(k={k0})", v.value[kmax] < v.value[k0],
-                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES falls with k", note))
+                                    round(float(v.value[kmax] - v.value[k0]), 3), "ES falls with k", note, source="paper"))
     return out
 
 
@@ -222,9 +222,10 @@ def reproduce(out_dir, scale: str = "quick", force: bool = False, n: int | None 
         fig1.figures.append("figures/hijack-example.png")
     for name, res in demos.items():
         top0, top1 = res[0]["top"][0][0].strip(), res[1]["top"][0][0].strip()
-        fig1.checks.append(findings.trend(f"{name}: top-1 without context is Paris", top0 == "Paris", top0, "Paris"))
+        fig1.checks.append(findings.trend(f"{name}: top-1 without context is Paris", top0 == "Paris", top0, "Paris",
+                                          source="paper"))
         fig1.checks.append(findings.trend(f"{name}: top-1 with context is Chicago", top1 == "Chicago", top1,
-                                        "Chicago (GPT-2)"))
+                                        "Chicago (GPT-2)", source="paper"))
     families.append(fig1)
     for group, curves in [("Generic prepends: 'Do not think of {target}.'", CURVES[:2]),
                           ("Relation sentences, false target (ES should rise)", CURVES[2:7]),

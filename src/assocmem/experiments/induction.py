@@ -13,7 +13,6 @@ Scales (CPU budgets):
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -26,15 +25,9 @@ from ..registry import get_task, run_id
 from ..store import RunStore
 from ..sweep import LocalBackend, run_configs
 from ..runners.induction import load_model
-from ..runners.induction_probes import batch_metrics
-from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats
-from ..theory.induction import build_amt
-from . import induction_plots, induction_ws
+from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, load_stats
+from . import induction_checks, induction_plots, induction_ws
 from .scale import REQUIRED, Scale, make_scales
-
-TABLE_C2 = {(1, False): (0.066, 0.062), (1, True): (0.152, 0.148), (3, False): (0.159, 0.148),
-            (3, True): (0.237, 0.225), (5, False): (0.240, 0.222), (5, True): (0.325, 0.307),
-            (10, False): (0.389, 0.357), (10, True): (0.382, 0.347)}
 
 
 DEFAULTS = {
@@ -86,22 +79,6 @@ def _base(sc: Scale, data_path: str) -> dict:
             "eval": {"batch": sc.eval_batch, "every": sc.eval_every, "long_batch": sc.long_batch}}
 
 
-def _le(a, b) -> bool:
-    """a <= b for 'first step reaching 0.5' values (None/nan = never)."""
-    inf = float("inf")
-    a = inf if a is None or (isinstance(a, float) and math.isnan(a)) else a
-    b = inf if b is None or (isinstance(b, float) and math.isnan(b)) else b
-    return a <= b and a < inf
-
-
-def _half_rise(steps: list[int], values: list[float]) -> float:
-    """First logged step at which a curve is halfway from its initial to its final value (nan if flat)."""
-    v0, v1 = values[0], values[-1]
-    if not v1 > v0:
-        return float("nan")
-    return next((float(s) for s, v in zip(steps, values) if v >= v0 + 0.5 * (v1 - v0)), float("nan"))
-
-
 def _cfg(spec, base: dict, **flat):
     return replace(spec.make_config(base), **flat) if flat else spec.make_config(base)
 
@@ -114,87 +91,6 @@ def _load(store: RunStore, spec, cfg) -> dict:
 def _trained(store: RunStore, spec, cfg):
     """The trained model of a finished run."""
     return load_model(cfg, store.load_weights(run_id(spec, cfg)))
-
-
-# ---------------------------------------------------------------------------------------------
-def _data_family(st, sc: Scale) -> findings.Family:
-    checks = [findings.compare("C-1 vocabulary size N", float(st.N), 65, 0),
-              findings.compare("C-1 characters", float(st.n_chars), 1_115_394, 0),
-              findings.compare("C-1 pairs", float(st.bigram_counts.sum()), 1_115_393, 0),
-              findings.compare("C-1 pi_u(space)", float(st.pi_u[1]), 0.1523, 5e-5),
-              findings.trend("C-1 top-5 unigrams = space e t o a", [st.chars[i] for i in st.top_tokens(5)] == list(" etoa"),
-                           "".join(st.chars[i] for i in st.top_tokens(5)).replace(" ", "␣")),
-              findings.trend("C-1 fixed K=5 trigger ids {1,43,58,53,39}", st.top_tokens(5).tolist() == [1, 43, 58, 53, 39],
-                           str(st.top_tokens(5).tolist())),
-              findings.compare("C-1 pi_u-weighted entropy of pi_b (nats)", st.bigram_entropy(), 2.4526, 1e-4)]
-    for (K, fixed), (r1, r2) in TABLE_C2.items():
-        ds = TriggerBigram(st, 256, K, fixed)
-        b = ds.sample(sc.data_seqs * 4, torch.Generator().manual_seed(1000 + K))
-        s2 = float((b.outs >= 2).float().mean())
-        checks.append(findings.compare(f"C-2 share outs>=2, K={K} {'fixed' if fixed else 'random'}", s2, r2, 0.01,
-                                     note=f"{sc.data_seqs * 4} seqs; spec = one 512-seq draw (sd up to 0.012)"))
-    ds = TriggerBigram(st, 256, 3, False)
-    b = ds.sample(sc.data_seqs, torch.Generator().manual_seed(7))
-    m = b.outs == 0
-    ce = float(-torch.log(st.pi_b[b.x[m], b.y[m]]).mean())
-    checks.append(findings.compare("C-3 true-bigram CE at outs=0 (K=3 random)", ce, 2.319, 0.03))
-    return findings.Family("Data: bigram with triggers (tiny Shakespeare)", checks=checks,
-                         text="Statistics computed from the text; generator shares over fresh sequences.")
-
-
-def _construction_family(st, sc: Scale, fig_dir: Path) -> tuple[findings.Family, pd.DataFrame]:
-    ds = TriggerBigram(st, 256, 3, True)
-    b = ds.sample(sc.constr_seqs, torch.Generator().manual_seed(5))
-    checks, delay_rows = [], []
-    res = {}
-    for pos, lab in (("ape", "APE"), ("rel_bias", "RPE")):
-        m = build_amt(st.pi_b, pos=pos, key_tokens=ds.fixed)
-        r = batch_metrics(m, b.x[None], b.y[None], b.outs[None])
-        res[pos] = r
-        checks.append(findings.compare(f"C-6 construction acc_end T=256 ({lab})", float(r["acc_end"]), 0.997, 0.01))
-        checks.append(findings.compare(f"C-6 layer-1 previous-token acc ({lab})", float(r["prev_tok_all"]),
-                                     0.999 if pos == "ape" else 1.0, 0.01))
-        for L0 in (0, 256, 768):
-            if L0 + 256 > 1024:
-                continue
-            bd = delayed_batch(ds, sc.delay_seqs, L0, torch.Generator().manual_seed(60 + L0))
-            ch = max(1, 32 * 256 // (256 + L0))
-            rd = batch_metrics(m, bd.x[None], bd.y[None], bd.outs[None], chunk=ch)
-            # prompts where some trigger's output is itself a trigger repeat it (up to ~250 in-context
-            # positions) and are copied by any context average: they dominate the pooled accuracy
-            keep = ~bd.chained()
-            rk = batch_metrics(m, bd.x[None, keep], bd.y[None, keep], bd.outs[None, keep], chunk=ch) if keep.any() else {}
-            delay_rows.append({"model": f"construction {lab}", "L0": L0, "acc_end": float(rd["acc_end"]),
-                               "prev_all": float(rd["prev_tok_all"]), "chain_prompts": int((~keep).sum()),
-                               "acc_end_no_chain": float(rk.get("acc_end", float("nan")))})
-    m0 = build_amt(st.pi_b, pos="rel_bias", key_tokens=ds.fixed, lam=0.0)
-    r0 = batch_metrics(m0, b.x[None], b.y[None], b.outs[None])
-    checks.append(findings.compare("C-6 lambda=0: acc_end (global only)", float(r0["acc_end"]), 0.022, 0.02))
-    checks.append(findings.compare("C-6 lambda=0: bigram CE", float(r0["loss_bigram"]), 2.50, 0.1,
-                                 note="ours = CE of softmax(log(pi_b+1e-3)) at outs=0"))
-    checks.append(findings.compare("C-6 lambda=20: bigram CE (diffuse layer 2)", float(res["ape"]["loss_bigram"]),
-                                 5.9, 0.5, note="APE; RPE: %.2f" % float(res["rel_bias"]["loss_bigram"])))
-    ref = {("APE", 0): 0.997, ("RPE", 0): 0.997, ("APE", 256): 0.066, ("RPE", 256): 1.0,
-           ("APE", 768): 0.017, ("RPE", 768): 1.0}
-    by = {(r["model"].split()[-1], r["L0"]): r for r in delay_rows}
-    for (lab, L0), row in by.items():
-        note = (f"{sc.delay_seqs} prompts, {row['chain_prompts']} with an output that is itself a trigger; "
-                f"without those: {row['acc_end_no_chain']:.3f}") if L0 > 0 else ""
-        checks.append(findings.compare(f"C-7 delayed L0={L0} acc_end ({lab})", row["acc_end"], ref[lab, L0], 0.02,
-                                     note=note))
-        if lab == "APE" and L0 > 0:
-            checks.append(findings.compare(f"C-7 APE previous-token acc, L0={L0}", row["prev_all"],
-                                         256 / (256 + L0), 0.02))
-    beyond = [L0 for (lab, L0) in by if lab == "APE" and L0 > 0]
-    if beyond:
-        ape = max(by["APE", L0]["acc_end"] for L0 in beyond)
-        rpe = min(by["RPE", L0]["acc_end"] for L0 in beyond)
-        checks.append(findings.trend("C-7 pairs only beyond T_train: APE far below RPE (<= 0.3 vs >= 0.99)",
-                                   ape <= 0.3 and rpe >= 0.99, f"APE <= {ape:.3f}, RPE >= {rpe:.3f}",
-                                   "APE 0.066 / 0.017, RPE 1.0"))
-    return findings.Family("Calibrated construction: in-context accuracy and APE vs RPE (C-6, C-7)", checks=checks,
-                         text="Spec's calibrated AM construction (d=256, random N(0,1/d) value maps, "
-                              "beta=30, lambda=20, mu=1, fixed triggers {space,e,t})."), pd.DataFrame(delay_rows)
 
 
 def training_configs(sc: Scale, data_path: str = DEFAULT_DATA_PATH):
@@ -243,8 +139,8 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
 
     # ---- data and construction (no training) ------------------------------------------------
     t0 = time.perf_counter()
-    families.append(_data_family(st, sc))
-    fam_c, delay_df = _construction_family(st, sc, fig_dir)
+    families.append(induction_checks.data_family(st, sc))
+    fam_c, delay_df = induction_checks.construction_family(st, sc)
     families.append(fam_c)
     timings["data+construction"] = time.perf_counter() - t0
 
@@ -262,7 +158,7 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
     # ---- Birth fig. 3: probes ---------------------------------------------------------------------
     r = rec(main)["metrics"]
     cur, ev = r["curves"], r["eval_curves"]
-    rows = [{"step": s, "metric": k, "value": v} for k in ("wo1", "wk1", "wk0", "wk0_64")
+    rows = [{"step": s, "metric": k, "value": v} for k in ("wo1", "wk1", "wk0", "wk0_64", "acc_end")
             for s, v in zip(cur["step"], cur[k])]
     rows += [{"step": s, "metric": "acc_end (test)", "value": v} for s, v in zip(ev["step"], ev["acc_end_test"])]
     rows += [{"step": sc.steps, "metric": "acc_end (test)", "value": r["acc_end"]}]
@@ -272,35 +168,29 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
         m = rec(c)["metrics"]
         var_rows += [{"step": s, "variant": name, "acc_end": v} for s, v in
                      zip(m["eval_curves"]["step"] + [sc.steps], m["eval_curves"]["acc_end_test"] + [m["acc_end"]])]
-    plots.save(induction_plots.probe_curves(pd.DataFrame(rows), pd.DataFrame(var_rows)), fig_dir, "birth_fig3_probes")
+    plots.save(induction_plots.probe_curves(pd.DataFrame(rows), pd.DataFrame(var_rows), induction_checks.authors_points()),
+               fig_dir, "birth_fig3_probes")
     first_acc = ev["acc_end_test"][0] if ev["acc_end_test"] else float("nan")
-    t_wo1, t_wk1, t_wk0, t_wk064 = (r.get(f"t50_{k}") for k in ("wo1", "wk1", "wk0", "wk0_64"))
-    order_ok = _le(t_wo1, t_wk1) and _le(t_wk1, t_wk0)
-    th = {k: _half_rise(cur["step"], cur[k]) for k in ("wo1", "wk1", "wk0", "wk0_64")}
-    checks = [findings.compare(f"C-10 acc_end after training (README config, batch {sc.batch})", r["acc_end"], 1.0, 0.1,
-                             note=f"{sc.steps} steps, d={sc.d}, T={sc.T}; threshold 0.9"),
-              findings.trend("C-10 probes reach 0.5 top-down: wo1 <= wk1 <= wk0", order_ok,
-                           f"steps {t_wo1}, {t_wk1}, {t_wk0}"),
-              findings.trend("C-10 probes rise top-down, halfway from initial to final value: wo1 <= wk1 <= wk0",
-                           _le(th["wo1"], th["wk1"]) and _le(th["wk1"], th["wk0"]),
-                           "steps {wo1}, {wk1}, {wk0} (wk0_64 {wk0_64}); final values {f}".format(
-                               **th, f=", ".join(f"{cur[k][-1]:.2f}" for k in ("wo1", "wk1", "wk0", "wk0_64")))),
-              findings.trend("C-10 wk0_64 before wk0", t_wk064 is not None and (t_wk0 is None or t_wk064 <= t_wk0),
-                           f"steps {t_wk064}, {t_wk0}"),
-              findings.trend("C-10 top-down order with wk1 over all tokens (WS APE model, random triggers): wo1 <= wk1",
-                           _le(rec(ws["ape"])["metrics"].get("t50_wo1"), rec(ws["ape"])["metrics"].get("t50_wk1")),
-                           "steps wo1 {}, wk1 {}, wk0_64 {}, wk0 {}".format(*(rec(ws["ape"])["metrics"].get(f"t50_{k}")
-                                                                          for k in ("wo1", "wk1", "wk0_64", "wk0")))),
-              findings.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
+    ws_ape = rec(ws["ape"])["metrics"]
+    checks = induction_checks.c10_checks(r, sc, scale) + [
+        findings.Check("WS APE model (random triggers, wk1 over all tokens): first steps at 0.5",
+                       ", ".join(f"{k} {findings.fmt(ws_ape.get(f't50_{k}'))}" for k in ("wo1", "wk1", "wk0_64", "wk0")),
+                       "trend only", note="no spec law on this order (C-10 concerns the README config)"),
+        findings.trend("C-9 acc_end at init is 0.015-0.03", 0.005 <= first_acc <= 0.04, first_acc)]
+    F = int(0.3 * sc.steps)
     for n, c in zip(("W_O2", "W_K2", "W_K1"), freeze):
-        checks.append(findings.Check(f"acc_end with {n} frozen until step {int(0.3 * sc.steps)}",
-                                   rec(c)["metrics"]["acc_end"], "trend only"))
+        m = rec(c)["metrics"]
+        at_f = induction_checks.value_at(m["eval_curves"]["step"], m["eval_curves"]["acc_end_test"], F)
+        checks.append(findings.Check(f"acc_end with {n} frozen until step {F}: at {F} / at {sc.steps}",
+                                     f"{findings.fmt(at_f)} / {findings.fmt(m['acc_end'])}", "trend only"))
     families.append(findings.Family("Birth Fig. 3: memory-recall probes and freeze schedules",
                                   ["figures/birth_fig3_probes.png"], checks,
                                   "Simplified model, README config (K=5 fixed triggers, in-context loss, SGD momentum 0.9, "
                                   f"wd 1e-4) at batch {sc.batch} (spec 512), lr {sc.lr} (spec 0.03), d={sc.d}, T={sc.T}; "
-                                  f"freeze variants at batch {sc.batch_rest}. A probe 'rises' at the first logged step "
-                                  "(every 5 steps) where it reaches 0.5."))
+                                  f"freeze variants at batch {sc.batch_rest}. A probe crosses 0.5 at the first logged step "
+                                  "(every 5 steps) where it reaches 0.5. The C-10 rows compare with the authors' code "
+                                  "(Birth's public code at the README config, seed 42), drawn as black-edged points; they are "
+                                  "meant at paper scale."))
 
     # ---- Birth fig. 4: data effects -------------------------------------------------------------
     rows, summary = [], {}
@@ -316,16 +206,17 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
     plots.save(induction_plots.data_curves(pd.DataFrame(rows)), fig_dir, "birth_fig4_data")
 
     def tacc(n):
-        v = summary[n].get("t50_acc_end")
-        return float("inf") if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        return induction_checks.first_cross(summary[n], "acc_end")
     k_times = [tacc(f"K={K} random") for K in (1, 3, 5, 10)]
     checks = [findings.Check(f"final acc_end, {n}", m["acc_end"], "trend only",
                            note=f"loss_bigram {m['loss_bigram']:.2f}") for n, m in summary.items()]
     checks.append(findings.trend("C-12b more triggers -> induction head forms earlier (t50 of acc_end, K=1,3,5,10)",
                                k_times[-1] <= k_times[0], str(k_times)))
-    checks.append(findings.trend("C-12b bigram outputs slow the head (vs uniform, K=5 random)",
-                               tacc("K=5 bigram outputs") >= tacc("K=5 random"),
-                               f"{tacc('K=5 bigram outputs')} vs {tacc('K=5 random')}"))
+    tb, tu = tacc("K=5 bigram outputs"), tacc("K=5 random")
+    checks.append(findings.Check("C-12b bigram vs uniform outputs (K=5 random): t50 of acc_end", f"{tb} vs {tu}",
+                                 "trend only", note="measured direction: bigram outputs "
+                                 + ("slow" if tb > tu else "speed up" if tb < tu else "do not change")
+                                 + " the head's formation (the spec leaves the direction open)"))
     ood_r = summary["K=5 random, OOD outputs"]["acc_end"]
     ood_f = summary["K=5 fixed, OOD outputs"]["acc_end"]
     checks.append(findings.trend("C-12b random triggers generalise to held-out outputs better than fixed",

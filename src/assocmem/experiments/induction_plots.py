@@ -16,11 +16,17 @@ def _subplots(n: int, m: int = 1, w: float = 4.2, h: float = 3.2):
 
 
 @figure("birth_fig3_probes")
-def probe_curves(df: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
-    """df: step, metric, value (main run); variants: step, variant, acc_end (freeze variants)."""
+def probe_curves(df: pd.DataFrame, variants: pd.DataFrame, authors: pd.DataFrame | None = None) -> plt.Figure:
+    """df: step, metric, value (main run); variants: step, variant, acc_end (freeze variants);
+    authors: step, metric, value, the authors' code's numbers (points in the colour of our metric)."""
     fig, ax = _subplots(2)
+    color = {}
     for i, (name, g) in enumerate(df.groupby("metric", sort=False)):
-        ax[0, 0].plot(g["step"], g["value"], label=name, color=COLORS[i % len(COLORS)])
+        color[name] = COLORS[i % len(COLORS)]
+        ax[0, 0].plot(g["step"], g["value"], label=name, color=color[name])
+    if authors is not None and len(authors):
+        ax[0, 0].scatter(authors["step"], authors["value"], c=[color.get(m, "black") for m in authors["metric"]],
+                         marker="o", s=28, edgecolors="black", zorder=3, label="authors' code (README config)")
     ax[0, 0].set(xlabel="iteration", ylabel="probe / accuracy", title="memory-recall probes (README config)")
     ax[0, 0].legend()
     for i, (name, g) in enumerate(variants.groupby("variant", sort=False)):

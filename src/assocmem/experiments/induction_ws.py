@@ -111,8 +111,8 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
             checks.append(findings.Check(f"{model}: agreement with rule, distance (WS oversight expected)",
                                        float(v), "trend only"))
             continue
-        checks.append(findings.compare(f"C-14 {model}: winners agree with closed-form rule, {fam}", float(v), 1.0, 0.1,
-                                     note="threshold 0.9"))
+        checks.append(findings.trend(f"C-14 {model}: winners agree with closed-form rule on >= 90%, {fam}",
+                                     float(v) >= 0.9, float(v)))
     for lab, (lh, mh, rho) in fitted.items():
         checks.append(findings.Check(f"trained {lab}: fitted lambda_hat, mu_hat (least squares)", f"{lh:.2f}, {mh:.2f}",
                                    "trend only"))
@@ -125,6 +125,10 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
     single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
     win_by_lam = single.groupby("model")["model_o_wins"].mean()
     lam_order = [float(win_by_lam[f"AMT lambda={x:g}"]) for x in (2.0, 5.0, 10.0, 20.0)]
+    checks.append(findings.Check("C-8 in-context win rate at lambda = 2 / 5 / 10 / 20 (single successor)",
+                                 " / ".join(f"{x:.2f}" for x in lam_order), "reference",
+                                 "global wins almost all / global ~75% / in-context 85-100% / in-context always",
+                                 source="derived", note=findings.DERIVED_NOTE))
     checks.append(findings.trend("C-8 in-context win rate rises with lambda", all(np.diff(lam_order) >= 0),
                                str([round(x, 2) for x in lam_order])))
     s5 = single[single.model == "AMT lambda=5"]

@@ -3,7 +3,6 @@ draws the paper's figure files and returns a :class:`findings.Family` with check
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,6 @@ DIM_TARGETS = {
     8: ([0.020, 0.060, 0.258, 0.800, 0.976, 0.969], [0.886, 0.990, 0.986, 0.997, 0.994, 0.983]),
 }
 DIM_TARGET_DS = (16, 32, 64, 128, 256, 512)
-# Reference decoders (Checks 3), accuracy at L = 64 / 128 / 256 [derived].
-REFERENCE = {
-    "constructed": {5: (0.84, 0.98, 1.00), 6: (0.79, 0.97, 1.00), 7: (0.74, 0.95, 1.00), 8: (0.66, 0.92, 0.995)},
-    "majority": {5: (0.58, 0.84, 0.98), 6: (0.66, 0.91, 0.99), 7: (0.68, 0.93, 0.99), 8: (0.71, 0.93, 1.00)},
-    "bayes": {5: (0.92, 1.00, 1.00), 6: (0.92, 1.00, 1.00), 7: (0.92, 1.00, 1.00), 8: (0.91, 1.00, 1.00)},
-}
-BAYES_SHORT = {5: {8: 0.31, 16: 0.48, 32: 0.71}, 8: {8: 0.19, 16: 0.38, 32: 0.66}}
 
 
 class Runs:
@@ -101,7 +93,7 @@ def wv_bar(runs: Runs, sc, out: Path) -> findings.Family:
             r = get(t64, m, v)
             if m in WV_BAR_L64 and r is not None:
                 fam.checks.append(findings.compare(f"L=64 m={m} {v}", r["mean"], WV_BAR_L64[m][j] / 100, 0.03,
-                                                 r["sem"], note=f"{int(r['n'])} seeds"))
+                                                 r["sem"], note=f"{int(r['n'])} seeds", source="code"))
     ms = list(sc.ms)
     acc = {(L, v): [get(tables[L], m, v)["mean"] for m in ms] for L in (64, 128) for v in ("Identity Wv", "Trained Wv")}
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
@@ -125,7 +117,7 @@ def wv_bar(runs: Runs, sc, out: Path) -> findings.Family:
     if r6 is not None:
         fam.checks.append(findings.Check("smoke: m=6, L=64, d=64 accuracy >= 0.84", r6["mean"],
                                        "agrees" if r6["mean"] >= 0.84 else "disagrees", 0.87, r6["sem"],
-                                       note="Check 13: threshold 0.84 (paper 0.87)"))
+                                       note="Check 13: threshold 0.84 (paper 0.87)", source="paper"))
     return fam
 
 
@@ -187,8 +179,9 @@ def geometry(runs: Runs, sc, out: Path) -> findings.Family:
                                                note="d >= 2^m: the low-rank claim is made for d < 2^m only"))
                 continue
             fam.checks.append(findings.trend(f"spectrum m={m} d={d}: m or m+1 dominant singular values", ok,
-                                           ours=", ".join(map(str, knees)), paper=f"{m} or {m + 1}",
-                                           note="ours = count before the largest ratio s_k/s_k+1, per seed"))
+                                           ours=", ".join(map(str, knees)), reference=f"{m} or {m + 1}", source="derived",
+                                           note="ours = count before the largest ratio s_k/s_k+1, per seed; "
+                                                "reference: rank <= m+1 of a Hamming-relation Gram matrix"))
     return fam
 
 
@@ -251,7 +244,7 @@ def wv_replace(runs: Runs, sc, out: Path) -> findings.Family:
                          ours=", ".join(f"{v:.2f}" for v in s["Constructed Wv"])),
             findings.trend(f"m={m}: Random at chance (<= 1/2^m + 0.03 at every d)",
                          bool((s["Random Wv"] <= 1 / 2 ** m + 0.03).all()), ours=round(float(s["Random Wv"].max()), 3),
-                         paper=round(1 / 2 ** m, 4)),
+                         reference=round(1 / 2 ** m, 4), source="derived", note="reference: chance 1/2^m"),
         ]
         a = {k: g.sort_values("d")["mean"].to_numpy() for k, g in ang.groupby("series")}
         con, rnd, gau = a["Constructed Wv"], a["Random Wv"], a["Gaussian Wv"]
@@ -285,7 +278,7 @@ def dims(runs: Runs, sc, out: Path) -> findings.Family:
                     if d in t.index:
                         tol = 0.05 if name == "frozen" and 2 ** m / 4 <= d <= 2 ** m else 0.03
                         fam.checks.append(findings.compare(f"m={m} d={d} {name}", t.loc[d, "mean"], target, tol,
-                                                         t.loc[d, "sem"]))
+                                                         t.loc[d, "sem"], source="code"))
         ds = sorted(fr.index)
         big = [d for d in ds if d >= 2 ** m]
         fam.checks.append(findings.trend(
@@ -322,78 +315,16 @@ def confusion(runs: Runs, sc, out: Path) -> findings.Family:
                          ours=", ".join(f"{v:.2f}" for v in tt["mean"])),
             findings.trend(f"m={m}: Target True at r=0 ≈ clean accuracy; ≈ 0 at r=1",
                          abs(tt["mean"].iloc[0] - clean) <= 0.03 and tt["mean"].iloc[-1] <= 0.05,
-                         ours=f"{tt['mean'].iloc[0]:.3f} / {tt['mean'].iloc[-1]:.3f}", paper=f"{clean:.3f} / 0"),
+                         ours=f"{tt['mean'].iloc[0]:.3f} / {tt['mean'].iloc[-1]:.3f}", reference=f"{clean:.3f} / 0", source="derived",
+                         note="reference: our clean accuracy at r=0"),
             findings.trend(f"m={m}: Target False rises monotonically (±0.03)", lca_analysis.is_monotone(tf["mean"], True, 0.03),
                          ours=", ".join(f"{v:.2f}" for v in tf["mean"])),
             findings.Check(f"m={m}: curves cross at r", cross,
-                         "trend holds" if abs(cross - 0.5) <= 0.15 else "trend fails", 0.5, tol=0.15),
+                         "trend holds" if abs(cross - 0.5) <= 0.15 else "trend fails", 0.5, tol=0.15, source="derived",
+                         note="law (Check 11): the curves cross at r = 0.5 +- 0.15"),
         ]
     return fam
 
 
-# --- context length ------------------------------------------------------------------------------------------
-def length(runs: Runs, sc, out: Path) -> findings.Family:
-    fam = findings.Family("Accuracy vs context length (length)",
-                        text="Best of the two learning rates (1e-2, 1e-3) per (m, d, L) by mean accuracy over "
-                             "seeds; dashed: exact Bayes posterior accuracy (the ceiling).")
-    df = runs.family("length")
-    best = lca_analysis.best_lr(df)
-    for m in sc.ms:
-        s = lca_analysis.summarize(best[best["task.m"] == m], ["model.d_model", "task.L"]).rename(
-            columns={"model.d_model": "d", "task.L": "L"})
-        bay = pd.DataFrame({"L": list(sc.lengths), "accuracy": [bayes(m, L) for L in sc.lengths]})
-        fam.figures.append(_save(lca_plots.length(s, bay), out, f"length_n{m}"))
-        for d, g in s.groupby("d"):
-            g = g.sort_values("L")
-            fam.checks.append(findings.trend(f"m={m} d={d}: accuracy rises with L", lca_analysis.is_monotone(g["mean"], True, 0.02),
-                                           ours=", ".join(f"{v:.2f}" for v in g["mean"])))
-        excess = max(r["mean"] - bayes(m, int(r["L"])) for _, r in s.iterrows())
-        fam.checks.append(findings.trend(f"m={m}: never above the Bayes ceiling (+0.02)", excess <= 0.02,
-                                       ours=f"max excess {excess:+.3f}"))
-        for L, target in BAYES_SHORT.get(m, {}).items():
-            fam.checks.append(findings.Check(f"Bayes accuracy m={m} L={L}", bayes(m, L),
-                                           "agrees" if abs(bayes(m, L) - target) <= 0.03 else "disagrees",
-                                           target, tol=0.03, note="reference decoder (derived)"))
-    return fam
-
-
-# --- theory references -----------------------------------------------------------------------------------------
-def references(runs: Runs, sc, out: Path) -> findings.Family:
-    from ..tasks.lca import task_for
-    from ..theory.lca import decoder_accuracy
-    fam = findings.Family("Theory references (reference decoders, Bayes ceiling)",
-                        text="Decoders without training on fresh sequences: W_V^con with "
-                             "orthonormal embeddings and uniform attention, identity W_V, bitwise majority "
-                             "(canonical low-rank embeddings), exact Bayes posterior. Then: no trained "
-                             "standard-task model exceeds the Bayes accuracy of its (m, L) by more than 0.02.")
-    rows = []
-    for dec in ("constructed", "majority", "bayes", "identity"):
-        for m in sc.ms:
-            for j, L in enumerate((64, 128, 256)):
-                acc = bayes(m, L) if dec == "bayes" else decoder_accuracy(
-                    dec, task_for(m, L, 1.0, 0.5, 0), sc.n_ref, _gen("ref", dec, m, L))
-                rows.append({"decoder": dec, "m": m, "L": L, "accuracy": acc})
-                target = 0.0 if dec == "identity" else REFERENCE[dec].get(m, (None,) * 3)[j]
-                if target is None:
-                    fam.checks.append(findings.Check(f"{dec} m={m} L={L}", acc, "reference", note="no spec value"))
-                else:
-                    # the spec's cell is itself a simulation (+-0.02); ours adds sampling noise
-                    sampled = dec != "bayes"
-                    tol = 0.02 + (2 * math.sqrt(target * (1 - target) / sc.n_ref) if sampled else 0.0)
-                    fam.checks.append(findings.compare(
-                        f"{dec} m={m} L={L}", acc, target, round(tol, 3),
-                        note="reference decoder (derived)" + (f"; tol 0.02 + 2 sd of {sc.n_ref} draws" if sampled else "")))
-    fam.figures.append(_save(lca_plots.reference_decoders(pd.DataFrame(rows)), out, "reference_decoders"))
-    for name in ("standard", "dim_no_freeze", "dim_freeze", "with_wv_low_dim", "no_wv_low_dim", "length"):
-        df = runs.family(name)
-        g = lca_analysis.summarize(df, ["task.m", "task.L", "model.d_model", "optim.lr", "model.W_V", "model.embeddings"])
-        if g.empty:
-            continue
-        excess = [r["mean"] - bayes(int(r["task.m"]), int(r["task.L"])) for _, r in g.iterrows()]
-        fam.checks.append(findings.trend(f"{name}: no model above Bayes + 0.02", max(excess) <= 0.02,
-                                       ours=f"max excess {max(excess):+.3f}"))
-    return fam
-
-
 FAMILIES = {"wv_bar": wv_bar, "dim": dims, "geometry": geometry, "heat_map": heat_maps,
-            "wv_replace": wv_replace, "confusion": confusion, "length": length, "references": references}
+            "wv_replace": wv_replace, "confusion": confusion}
