@@ -71,6 +71,28 @@ def test_c5_probes_ideal_vs_random():
         assert float(p1[k]) >= 0.97, (k, float(p1[k]))
 
 
+def test_wk1_ranks_the_queries_among_themselves_as_the_authors_probe():
+    """wk1 with fixed triggers: argmax over the K triggers only (chance 1/K), by a plain loop;
+    wk1_all keeps the harder all-candidates probe; without fixed triggers both sides are all tokens."""
+    g = torch.Generator().manual_seed(3)
+    m = SimplifiedInduction([torch.Generator().manual_seed(s) for s in (0, 1)], 65, 16, 32)
+    with torch.no_grad():
+        for name in ("W_K2", "W_O1", "W_V1"):
+            getattr(m, name).copy_(torch.randn(getattr(m, name).shape, generator=g))
+    Q = [1, 43, 58, 53, 39]
+    w1 = m.W_E @ (m.W_O1 @ m.W_V1).transpose(1, 2)
+    score = lambda s, q, k: float(m.W_E[s, q] @ m.W_K2[s] @ w1[s, k])  # noqa: E731
+    probes = memory_probes(m, 32, query_tokens=torch.tensor(Q))
+    for s in range(2):
+        same = sum(max(Q, key=lambda k: score(s, q, k)) == q for q in Q) / len(Q)
+        every = sum(max(range(65), key=lambda k: score(s, q, k)) == q for q in Q) / len(Q)
+        assert float(probes["wk1"][s]) == pytest.approx(same) and float(probes["wk1_all"][s]) == pytest.approx(every)
+    free = memory_probes(m, 32)
+    assert "wk1_all" not in free
+    assert float(free["wk1"][0]) == pytest.approx(sum(max(range(65), key=lambda k: score(0, q, k)) == q
+                                                      for q in range(65)) / 65)
+
+
 @pytest.mark.slow
 def test_c6_construction_in_context_accuracy(stats):
     ds = TriggerBigram(stats, 256, 3, True)

@@ -32,8 +32,7 @@ AUTHORS_WK0_250 = 0.18                                        # wk0 has not reac
 AUTHORS_ACC_END = {50: 0.23, 100: 0.31, 150: 0.36, 200: 0.65, 250: 0.89}
 C10_ACC_STEPS = (100, 150, 200, 250)
 C10_ORDER = ("wk1", "wo1", "wk0_64", "wk0")
-WK1_NOTE = ("spec: by step 30; our logged wk1 ranks each trigger against all 65 candidate tokens, the "
-            "authors' against the K triggers only (spec revision), which crosses later; ")
+WK1_NOTE = "spec: by step 30; wk1 ranks each trigger among the K triggers, as the authors' test_wk1; "
 
 
 def c2_tolerance(sd_batch: float, n: int) -> float:

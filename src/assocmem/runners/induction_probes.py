@@ -3,7 +3,9 @@
 
 Memory-recall probes (Birth's code; argmax retrieval through one stored memory), each -> [S]:
   wo1  (W_O^2)  fraction of tokens k with argmax_j w_U(j)^T W_O^2 W_V^2 w_E(k) = k
-  wk1  (W_K^2)  fraction of query tokens k with argmax_k' w_E(k)^T W_K^2 w_1(k') = k
+  wk1  (W_K^2)  fraction of query tokens k with argmax_k' w_E(k)^T W_K^2 w_1(k') = k, queries and
+                candidates k' from the same set (fixed triggers, else all tokens), as the authors' test_wk1;
+                wk1_all: fixed-trigger queries against all N candidates
   wk0  (W_K^1)  fraction of t = 1..T-1 with argmax_{s in 0..T-2} p_t^T W_K^1 p_s = t-1 (no mask);
                 wk0_64 on the first 64 positions; RPE bias: offset-1 is the argmax of b (1 or 0)
   ff1  (W_F)    mean over non-trigger tokens i of KL(pi_b(.|i) || softmax(W_U W_F w_E(i)))
@@ -36,9 +38,12 @@ def memory_probes(m: SimplifiedInduction, T: int, pi_b: Tensor | None = None,
     dev = E.device
     out["wo1"] = (M.argmax(1) == torch.arange(N, device=dev)).float().mean(1)
     Q = torch.arange(N, device=dev) if query_tokens is None else torch.as_tensor(query_tokens, device=dev).long()
-    w1 = E @ (m.W_O1 @ m.W_V1).transpose(1, 2)                               # rows w_1(k)
-    K = E[:, Q] @ m.W_K2 @ w1.transpose(1, 2)                                # [S, |Q|, N]
-    out["wk1"] = (K.argmax(2) == Q).float().mean(1)
+    w1 = E @ (m.W_O1 @ m.W_V1).transpose(1, 2)                               # rows w_1(k)  [S, N, d]
+    Kq = E[:, Q] @ m.W_K2                                                    # [S, |Q|, d]
+    # the authors' test_wk1: queries and candidates range over the same set (the fixed triggers, or all)
+    out["wk1"] = ((Kq @ w1[:, Q].transpose(1, 2)).argmax(2) == torch.arange(len(Q), device=dev)).float().mean(1)
+    if query_tokens is not None:     # a harder probe: the fixed triggers against all N candidates
+        out["wk1_all"] = ((Kq @ w1.transpose(1, 2)).argmax(2) == Q).float().mean(1)
     if m.uses_ape:
         for name, n in (("wk0", T), ("wk0_64", min(64, T))):
             P = m.P[:, :n]
