@@ -2,18 +2,17 @@
 
 PyTorch's CPU wheels multiply with MKL (or oneDNN); numpy brings OpenBLAS, which picks its kernels for
 the CPU when it loads (``OPENBLAS_CORETYPE`` overrides the choice). Which one is faster for the small
-batched products of single-threaded training depends on the machine: on an AMD EPYC, numpy's OpenBLAS
-won (MKL takes its generic path on AMD), on a 2-core Intel Xeon torch won by about 18%
-(benchmarks/lca_speed.py). So the route is measured, not assumed: :func:`route` times both on a few
-products shaped like the LCA and induction training steps the first time it is needed on a machine,
-caches the answer in the user's cache folder (``blas-route.json``, keyed by CPU model, torch, numpy
+batched products of single-threaded training depends on the machine (MKL takes a generic path on
+AMD CPUs; OpenBLAS's kernels differ by CPU generation). So the route is measured, not assumed:
+:func:`route` times both on a few products shaped like the LCA and induction training steps the
+first time it is needed on a machine, caches the answer in the user's cache folder (``blas-route.json``, keyed by CPU model, torch, numpy
 and OpenBLAS versions and kernels) and reuses it. ``ASSOCMEM_BLAS=numpy|torch`` overrides it; every
 sweep records the route in its runs' meta.
 
 :func:`matmul` uses the numpy route only when torch runs single-threaded (tiny models, the forked
 halves of a stack, sweep workers): with several torch threads, OpenBLAS's and torch's spinning thread
-pools fight over the cores (a 2-thread induction step took 3.1 s instead of 1.0 s). numpy's BLAS is
-kept at one thread. Both routes compute the same fp32 products in another summation order.
+pools fight over the cores (benchmarks/induction_speed.py shows it). numpy's BLAS is kept at one
+thread. Both routes compute the same fp32 products in another summation order.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ class Optimizer:
     """Minimal elementwise optimisers with torch.optim's exact update rules (AdamW, Adam with L2
     weight decay, SGD with momentum). Elementwise updates keep members of a stacked model
     independent. Written here because ``torch.optim`` imports TorchDynamo on first use, which costs
-    about a second per process -- more than a whole LCA run; tests/test_training.py proves the
+    more than a whole LCA run in every fresh process; tests/test_training.py proves the
     updates equal torch.optim's."""
 
     def __init__(self, params, cfg: OptimConfig):

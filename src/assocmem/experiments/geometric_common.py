@@ -26,7 +26,7 @@ RECONSTRUCTED = ("All settings, constructions and protocols here are our reconst
 
 
 # E1 d grid: steps of at most 1.25x from 8 up to 20, fine enough that rounding up to the next grid value cannot
-# by itself move d*/(R log2 N) by the 1.5x that E1's check allows (the old 8 -> 12 -> 16 steps were 1.5x and 1.33x)
+# by itself move d*/(R log2 N) by the 1.5x that E1's check allows
 D_GRID = (2, 3, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 32, 48)
 
 DEFAULTS = {
@@ -71,7 +71,7 @@ SCALES = make_scales(
                e5_knobs=("default", "frozen W_U", "LayerNorm", "LayerNorm, init 0.01, to loss 1e-3"),
                e5_max_steps=600, e5_t2_steps=300),
 )
-# "full" = paper + E1 at N = 4096 (R = 4, one seed: a full-batch step there costs ~1 s of CPU)
+# "full" = paper + E1 at N = 4096 (R = 4, one seed: a full-batch step there is expensive)
 SCALES["full"] = SCALES["paper"].replace("full", e1_R4_N=(512, 1024, 4096))
 BIG_N = 4096          # E1 cells with N >= BIG_N use one seed
 D_GUESS = 0.3         # E1/E6 searches start at d ~ D_GUESS * R * log2 N (spec calibration d*(1024, 4) = 12)
