@@ -95,3 +95,29 @@ def test_chunk_bounds_cap_and_count_rule():
     # sorted loss-position counts: a chunk ends before a count above 2 q + 16 (q = its first count)
     assert chunk_bounds([1, 2, 3, 30, 31, 40, 90, 250], 8, 32, 1) == [3, 3, 1, 1]
     assert chunk_bounds([5] * 40, 40, 32, 1) == [32, 8]
+
+
+@pytest.mark.parametrize("pos", ["ape", "rel_bias", "rope"])
+def test_layer2_log_scaling_fast_equals_naive_and_acts_only_beyond_T0(pos):
+    """C-13 remedy: layer-2 scores at position t times max(1, log(t+1)/log T0), in all three forwards."""
+    m = _model(pos, "none")
+    z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
+    qpos = torch.randint(0, 40, (2, 3, 6), generator=torch.Generator().manual_seed(2))
+    plain = m.naive_forward(z)
+    m.l2_log_T = 16
+    ref_all = m.naive_forward(z)
+    torch.testing.assert_close(ref_all[:, :, :15], plain[:, :, :15])           # t + 1 <= 16: unchanged
+    assert (ref_all[:, :, 20:] - plain[:, :, 20:]).abs().max() > 1e-3          # beyond: scaled
+    ref = torch.gather(ref_all, 2, qpos[..., None].expand(-1, -1, -1, 65))
+    tgt = torch.randint(0, 65, (2, 3, 6), generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(ref.flatten(0, 2), tgt.flatten()).backward()
+    g_ref = _grads(m)
+    m.zero_grad()
+    fast = loss_logits(m, z, qpos)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
+    for n, g in _grads(m).items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(m(z), ref_all, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)

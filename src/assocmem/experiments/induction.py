@@ -265,10 +265,10 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
                                   "red ticks: trigger positions."))
 
     # ---- Wang & Sato: APE vs RPE, knowledge hijack ------------------------------------------------
-    families.append(induction_ws.length_family(ws, {p: rec(c)["metrics"] for p, c in ws.items()}, sc, fig_dir,
-                                               delay_df))
-    t0 = time.perf_counter()
     models = {p: _trained(store, spec, c) for p, c in ws.items()}
+    families.append(induction_ws.length_family(ws, {p: rec(c)["metrics"] for p, c in ws.items()}, sc, fig_dir,
+                                               delay_df, models))
+    t0 = time.perf_counter()
     fam_h, hj = induction_ws.hijack_family(st, models, sc, fig_dir)
     families.append(fam_h)
     timings["hijack"] = time.perf_counter() - t0

@@ -14,6 +14,7 @@ import torch
 
 from .. import findings, plots
 from ..analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_families, outcome_table
+from ..analysis.induction_length import length_remedy
 from ..runners.induction_probes import LengthResult
 from ..tasks.induction import CharStats
 from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
@@ -22,9 +23,11 @@ from . import induction_plots
 LABEL = {"ape": "APE", "rel_bias": "RPE"}
 
 
-def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataFrame) -> findings.Family:
+def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataFrame,
+                  models: dict | None = None) -> findings.Family:
     """C-13: per-bucket accuracy at T_test > T_train, and the delay plot (constructions from
-    ``delay_df`` plus the trained models)."""
+    ``delay_df`` plus the trained models); with the trained ``models``, which layer loses the
+    accuracy beyond T_train and whether the log-scaled layer-2 remedy restores it."""
     rows, delay_rows, checks = [], [], []
     for pos, c in ws.items():
         lab = LABEL[pos]
@@ -49,10 +52,37 @@ def length_family(ws: dict, metrics: dict, sc, fig_dir: Path, delay_df: pd.DataF
                                  ape.acc_end <= 0.5 * ape_in, f"{ape.acc_end:.3f} vs {ape_in:.3f}"))
     checks.append(findings.trend("C-13 previous-token accuracy beyond T_train collapses for APE only",
                                  ape.prev_tok < rpe.prev_tok - 0.2, f"APE {ape.prev_tok:.3f}, RPE {rpe.prev_tok:.3f}"))
+    text = ""
+    if models is not None:
+        more, text = remedy_checks(models["rel_bias"], ws["rel_bias"], sc)
+        checks += more
     return findings.Family("Wang & Sato: APE vs RPE, pairs only beyond the training length",
                          ["figures/ws_length_buckets.png", "figures/ws_delay.png"], checks,
                          f"Trained at T={sc.T} (random triggers K=5, linear W_F, full loss, lr {sc.lr_ws}, {sc.steps} steps); RPE = learned "
-                         "relative bias in layer 1 (lr x100). Delay plot: constructions (T_train=256) and trained models.")
+                         "relative bias in layer 1 (lr x100). Delay plot: constructions (T_train=256) and trained models." + text)
+
+
+def remedy_checks(model, cfg, sc) -> tuple[list[findings.Check], str]:
+    """C-13 for the trained RPE model: layer 1 (previous-token accuracy) and layer 2 (attention mass on
+    the matched keys) at T_train and beyond, then the layer-2 scores scaled by log t / log T_train."""
+    df = pd.DataFrame(length_remedy(model, cfg))
+    plain, scaled = df[~df.scaled].set_index("T"), df[df.scaled].set_index("T")
+    T0, checks = sc.T, []
+    for Tt in sc.T_test:
+        p, s = plain.loc[Tt], scaled.loc[Tt]
+        checks.append(findings.Check(
+            f"C-13 where (RPE, T_test={Tt}): layer-1 previous-token acc. / layer-2 mass on matched keys",
+            f"{plain.loc[T0, 'prev_tok']:.3f} -> {p.prev_tok:.3f} / {plain.loc[T0, 'ind_mass']:.3f} -> {p.ind_mass:.3f}",
+            "trend only", note=f"at T_train={T0} -> at T_test (delayed prompts, pairs beyond T_train)"))
+        checks.append(findings.trend(
+            f"C-13 remedy (RPE, T_test={Tt}): layer-2 scores x log t/log T_train keep acc_end within 0.1 of in-range",
+            s.acc_end >= plain.loc[T0, "acc_end"] - 0.1,
+            f"{s.acc_end:.3f} (plain {p.acc_end:.3f}) vs {plain.loc[T0, 'acc_end']:.3f}",
+            note=f"layer-2 mass on matched keys {s.ind_mass:.3f}"))
+    text = (" C-13 remedy: SimplifiedInduction.l2_log_T multiplies the layer-2 scores at position t by "
+            "max(1, log(t+1)/log T_train); it leaves every position inside the training length unchanged, so it "
+            "is applied to the trained model at evaluation time.")
+    return checks, text
 
 
 def _hijack_rows(model, fams, ell, lam, mu, pi_b, name, empty) -> pd.DataFrame:

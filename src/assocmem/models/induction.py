@@ -132,6 +132,7 @@ class SimplifiedInduction(nn.Module):
             else:
                 self.register_buffer(k, t)
         self.trainable = tuple(sorted(trainable & set(w)))
+        self.l2_log_T = 0       # > 0: layer-2 scores at position t times max(1, log(t+1) / log(l2_log_T))
 
     # ---- pieces --------------------------------------------------------------------------
     @property
@@ -140,6 +141,16 @@ class SimplifiedInduction(nn.Module):
 
     def _c(self) -> float:
         return 1.0 / math.sqrt(self.d_model) if self.scale_scores else 1.0
+
+    def l2_scale(self, T: int, qpos: Tensor | None, device: torch.device | str = "cpu") -> Tensor | float:
+        """Multiplier of the layer-2 scores per query position, [T, 1] or [S, B, Q, 1]: 1 without
+        ``l2_log_T``; with it, max(1, log(t+1) / log l2_log_T), which leaves positions below
+        l2_log_T (the training length) unchanged and keeps attention as sharp beyond it as the
+        growing number of keys would otherwise blur it (a length-extrapolation remedy, C-13)."""
+        if not self.l2_log_T:
+            return 1.0
+        t = torch.arange(T, device=device) if qpos is None else qpos
+        return (torch.log(t.float() + 1) / math.log(self.l2_log_T)).clamp(min=1.0)[..., None]
 
     def embed(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Token part [S,B,T,d] and position part [S,1,T,d] (None without APE) of the residual."""
@@ -187,7 +198,7 @@ class SimplifiedInduction(nn.Module):
             q2 = torch.gather(h1, 2, qpos[..., None].expand(-1, -1, -1, self.d_model))
             e_q = gather_rows(self.W_E, torch.gather(z, 2, qpos))
         r = q2 @ self.W_K2[:, None]                                              # (W_K2^T q)^T
-        sc = (r @ h1.transpose(-1, -2)) * self._c()                           # [S,B,Q,T]
+        sc = (r @ h1.transpose(-1, -2)) * self._c() * self.l2_scale(T, qpos, z.device)   # [S,B,Q,T]
         sc = sc.masked_fill(~causal_mask(T, qpos, z.device), float("-inf"))
         a2 = sc.float().softmax(-1)
         h2 = q2 + (a2 @ h1) @ (self.W_O2 @ self.W_V2).transpose(1, 2)[:, None]
@@ -218,6 +229,8 @@ class SimplifiedInduction(nn.Module):
             if layer == 1 and self.pos == "rope":
                 q, k = rope(q), rope(k)
             sc = torch.einsum("sbti,sbui->sbtu", q, k) * c
+            if layer == 2:
+                sc = sc * self.l2_scale(T, None, z.device)
             if layer == 1 and self.pos == "rel_bias":
                 t = torch.arange(T, device=z.device)
                 sc = sc + self.b_rel[:, (t[:, None] - t[None, :]).clamp(min=0)][:, None]

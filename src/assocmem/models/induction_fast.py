@@ -140,7 +140,10 @@ def loss_logits(m: SimplifiedInduction, z: Tensor, qpos: Tensor | None = None, r
         q2 = torch.gather(h1, 2, qpos[..., None].expand(-1, -1, -1, m.d_model))
         allowed = torch.arange(T, device=z.device) <= qpos[..., None]    # [S,B,Q,T]
     r = _rowmm(q2, m.W_K2 * m._c())                                       # rows c q^T W_K^2
-    a2 = matmul(r, h1.transpose(-1, -2)).masked_fill_(~allowed, float("-inf")).softmax(-1)
+    s2 = matmul(r, h1.transpose(-1, -2))
+    if m.l2_log_T:
+        s2 = s2 * m.l2_scale(T, qpos, z.device)
+    a2 = s2.masked_fill_(~allowed, float("-inf")).softmax(-1)
     U_res = m.W_U if m.ffn == "none" else m.W_U + m.W_U @ m.W_F           # [S,N,d]
     U_att = U_res @ m.W_O2 @ m.W_V2                                       # [S,N,d]
     logits = _rowmm(q2, U_res.transpose(1, 2)) + matmul(a2, _rowmm(h1, U_att.transpose(1, 2)))

@@ -281,7 +281,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     for i, c in enumerate(configs):
         pick = lambda v: v[i]  # noqa: E731
         met: dict = {}
-        for k in ("acc_end", "loss_head", "loss_bigram", "acc_tot", "acc_start", "prev_tok", "ind_attn"):
+        for k in ("acc_end", "loss_head", "loss_bigram", "acc_tot", "acc_start", "prev_tok", "ind_attn", "ind_mass"):
             met[k] = float(final[k][i])
         met["accuracy"] = met["acc_end"]
         if cfg.task.outputs == "ood":
@@ -296,7 +296,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                     vals = [pick(v) for v in curves[k][:len(steps_)]]
                     met[f"t50_{k}"] = first_step(steps_, vals, 0.5)
         for Tt, r in long.items():
-            met.update(LengthResult(Tt, float(r["acc_end"][i]), float(r["prev_tok_all"][i]),
+            met.update(LengthResult(Tt, float(r["acc_end"][i]), float(r["prev_tok_all"][i]), float(r["ind_mass"][i]),
                                     r["bucket_acc"][i].tolist(), r["bucket_prev"][i].tolist()).flat())
         met["bucket_acc"] = final["bucket_acc"][i].tolist()
         met["curves"] = {k: ([pick(x) for x in v] if k != "step" else v) for k, v in curves.items()}

@@ -74,8 +74,8 @@ def batch_metrics(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket
 
     acc_end (outs>=2), loss_head, loss_bigram (outs=0), acc_tot (outs>=1), acc_start (outs>=1, t<10),
     prev_tok (layer-1 argmax at t+1 is t where outs[t] >= 1), prev_tok_all (same at every t >= 1),
-    ind_attn (layer-2 argmax s has z_{s-1} = z_t at outs >= 2), bucket_acc / bucket_prev per position
-    bucket of width ``bucket``. ``region`` [S,B,T] bool restricts the outs>=2 positions counted."""
+    ind_attn (layer-2 argmax s has z_{s-1} = z_t at outs >= 2), ind_mass (layer-2 attention weight on
+    all such matched keys s at outs >= 2), bucket_acc / bucket_prev per position bucket of width ``bucket``. ``region`` [S,B,T] bool restricts the outs>=2 positions counted."""
     S, B, T = x.shape
     sums: dict[str, list] = {}
     simplified = isinstance(m, SimplifiedInduction)
@@ -98,12 +98,14 @@ def batch_metrics(m, x: Tensor, y: Tensor, outs: Tensor, chunk: int = 32, bucket
         a2 = hk["attn2"].argmax(-1)
         zprev = torch.gather(xs, 2, (a2 - 1).clamp(min=0))
         ind_ok = ((zprev == xs) & (a2 >= 1)).float()
+        matched = F.pad(xs[..., :-1], (1, 0), value=-1)[..., None, :] == xs[..., :, None]   # [S,b,T(t),T(s)]
+        ind_mass = (hk["attn2"] * matched).sum(-1)
         parts = {
             "acc_end": (hit, ic.float()), "loss_head": (ce, ic.float()),
             "loss_bigram": (ce, (os_ == 0).float()), "acc_tot": (hit, (os_ >= 1).float()),
             "acc_start": (hit, ((os_ >= 1) & (torch.arange(T, device=x.device) < 10)).float()),
             "prev_tok": (prev_ok, prev_mask), "prev_tok_all": (prev_ok, torch.ones_like(prev_ok)),
-            "ind_attn": (ind_ok, ic.float()),
+            "ind_attn": (ind_ok, ic.float()), "ind_mass": (ind_mass, ic.float()),
         }
         nb = math.ceil(T / bucket)
         pad = nb * bucket - T
@@ -134,12 +136,15 @@ class LengthResult:
     T: int
     acc_end: float                 # in-context accuracy (outs >= 2)
     prev_tok: float                # layer-1 previous-token accuracy at every position
+    ind_mass: float                # layer-2 attention weight on the matched keys (z_{s-1} = z_t) at outs >= 2
     bucket_acc: list[float]        # acc_end per position bucket
     bucket_prev: list[float]       # previous-token accuracy per position bucket
 
+    FIELDS = ("acc_end", "prev_tok", "ind_mass", "bucket_acc", "bucket_prev")
+
     def flat(self) -> dict[str, float | list[float]]:
-        return {f"{name}_T{self.T}": getattr(self, name) for name in ("acc_end", "prev_tok", "bucket_acc", "bucket_prev")}
+        return {f"{name}_T{self.T}": getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def read(cls, metrics: Mapping, T: int) -> LengthResult:
-        return cls(T, **{name: metrics[f"{name}_T{T}"] for name in ("acc_end", "prev_tok", "bucket_acc", "bucket_prev")})
+        return cls(T, **{name: metrics[f"{name}_T{T}"] for name in cls.FIELDS})
