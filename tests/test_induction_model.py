@@ -162,3 +162,22 @@ def test_closed_form_counts_and_inequality():
     xi = closed_form_logits(z, 6.0, 1.0, log_pi)
     assert float(xi[0, 4]) == pytest.approx(4.0) and float(xi[0, 9]) == pytest.approx(5.0)
     assert int(closed_form_logits(z, 9.0, 1.0, log_pi).argmax()) == 4        # 9*2/3 = 6 > 5
+
+
+def test_count_rule_fit_recovers_a_planted_lambda_of_n():
+    """Logits made by the count-dependent rule (plus a per-prompt shift) are fitted back exactly,
+    and the rule's winners then agree with them on every prompt."""
+    from assocmem.theory.induction import count_rule_logits, fit_count_rule
+    g = torch.Generator().manual_seed(0)
+    N = 12
+    log_pi = torch.log_softmax(torch.randn(N, N, generator=g), -1)
+    z = torch.randint(0, N, (300, 40), generator=g)
+    z[:, -1] = z[:, 5]                                     # the query occurs earlier in most prompts
+    lam = torch.tensor([0.0, 2.0, 3.5, 4.0, 4.2, 4.3, 4.3])
+    logits = count_rule_logits(z, lam, 0.7, log_pi) + torch.randn(300, 1, generator=g)
+    lam_hat, mu_hat = fit_count_rule(logits, z, log_pi, n_max=6)
+    assert mu_hat == pytest.approx(0.7, abs=1e-4)
+    seen = [j for j in range(7) if (lam_hat[j] != 0) or j == 0]
+    torch.testing.assert_close(lam_hat[seen], lam[seen], atol=1e-4, rtol=0)
+    rule = count_rule_logits(z, lam_hat, mu_hat, log_pi)
+    assert bool((rule.argmax(1) == logits.argmax(1)).all())

@@ -82,8 +82,10 @@ def test_reproduce_pipeline_smoke(shared_data, tmp_path):
     write_report(sec, tmp_path)
     assert (tmp_path / "report.md").exists() and (tmp_path / "runs.parquet").exists()
     assert (tmp_path / "figures" / "ws_hijack_fraction.png").exists()
+    assert (tmp_path / "figures" / "ws_lambda_n.png").exists()
     names = [c.name for c in sec.checks()]
     assert any(n.startswith("C-14") for n in names) and any(n.startswith("C-7") for n in names)
+    assert any(n.startswith("C-14(b) trained RPE") for n in names) and any(n.startswith("C-13 remedy") for n in names)
     far = [c for c in sec.checks() if c.name.startswith("C-7 pairs only beyond")]
     assert len(far) == 1 and far[0].verdict == "trend holds"     # APE construction collapses, RPE keeps 1.0
     sec2 = reproduce(tmp_path, "smoke", data_path=path)

@@ -134,13 +134,14 @@ def last_logits(model, z: Tensor, chunk: int = 32) -> Tensor:
 
 
 def outcome_table(fam: PromptFamily, logits: Tensor, log_pi: Tensor, lam: float, mu: float, pi_b: Tensor,
-                  empty: str = "global"):
+                  empty: str = "global", rule: Tensor | None = None):
     """Per-prompt rows: model winner, rule winner, agreement (the model's top-1 is one of the rule's
-    maximisers, ties within 1e-6 included), and the o-vs-b comparison."""
+    maximisers, ties within 1e-6 included), and the o-vs-b comparison. ``rule``: the rule's logits
+    [B, N] when not the closed form with (lam, mu)."""
     import pandas as pd
     z = fam.z
     q = z[:, -1]
-    rule = closed_form_logits(z, lam, mu, log_pi, empty)
+    rule = closed_form_logits(z, lam, mu, log_pi, empty) if rule is None else rule
     n, size = context_counts(z, log_pi.shape[0])
     b = pi_b[q].argmax(1)
     win_m, win_r = logits.argmax(1), rule.argmax(1)

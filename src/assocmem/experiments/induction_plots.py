@@ -165,3 +165,16 @@ def hijack_distance(df: pd.DataFrame) -> plt.Figure:
     ax[0, 0].set(xlabel="position of the earlier occurrences", ylabel="in-context win rate")
     ax[0, 0].legend(fontsize=7)
     return fig
+
+
+@figure("ws_lambda_n")
+def lambda_by_count(df: pd.DataFrame) -> plt.Figure:
+    """df: model, n, lambda (the count-dependent rule's in-context weight, fitted per trained model)."""
+    fig, ax = _subplots(1)
+    a = ax[0, 0]
+    for model, g, c in _by_model(df):
+        a.plot(g["n"], g["lambda"], marker="o", label=model, color=c)
+    a.set(xlabel="in-context count n_k of the successor", ylabel="fitted lambda(n)",
+          title="xi(k) = lambda(n_k) + mu log pi_b(k|q)")
+    a.legend(fontsize=8)
+    return fig

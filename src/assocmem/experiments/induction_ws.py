@@ -17,7 +17,7 @@ from ..analysis.induction_hijack import fit_ratio_by_winners, last_logits, make_
 from ..analysis.induction_length import length_remedy
 from ..runners.induction_probes import LengthResult
 from ..tasks.induction import CharStats
-from ..theory.induction import build_amt, centred_log_bigram, fit_lambda_mu
+from ..theory.induction import build_amt, centred_log_bigram, count_rule_logits, fit_count_rule, fit_lambda_mu
 from . import induction_plots
 
 LABEL = {"ape": "APE", "rel_bias": "RPE"}
@@ -114,7 +114,7 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
     for lam in (2.0, 20.0):
         m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="random", n_ctx=2 * L)
         tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"calibrated AMT lambda={lam:g}", "uniform"))
-    fitted, alt = {}, []
+    fitted, alt, counted = {}, [], []
     for pos, model in models.items():
         lab = LABEL[pos]
         zc = torch.cat([cal["single"].z, cal["conflict"].z])
@@ -124,6 +124,7 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
         fitted[lab] = (lh, mh, rho)
         tables.append(_hijack_rows(model, test, ell, lh, mh, st.pi_b, f"trained {lab}", "global"))
         alt.append(_hijack_rows(model, test, ell, rho, 1.0, st.pi_b, f"trained {lab}", "global"))
+        counted.append((lab, *fit_count_rule(lg_cal, zc, ell), model))
     hj = pd.concat(tables, ignore_index=True)
     hj_alt = pd.concat(alt, ignore_index=True)
     hj["T_train"] = L
@@ -152,6 +153,7 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
             ", ".join(f"{k} {v:.2f}" for k, v in a.items()), "trend only",
             note="ratio chosen to maximise winner agreement on the calibration prompts (the best any "
                  "lambda, mu > 0 reading of the rule does there), scored on the separate test prompts"))
+    checks += count_rule_checks(counted, test, ell, st.pi_b, fig_dir)
     single = hj[(hj.family == "single") & hj.model.str.startswith("AMT")]
     win_by_lam = single.groupby("model")["model_o_wins"].mean()
     lam_order = [float(win_by_lam[f"AMT lambda={x:g}"]) for x in (2.0, 5.0, 10.0, 20.0)]
@@ -171,10 +173,35 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
     fam = findings.Family(
         "Wang & Sato: knowledge-hijack prompt families vs the closed-form rule",
         ["figures/ws_hijack_fraction.png", "figures/ws_hijack_logprob.png", "figures/ws_hijack_conflict.png",
-         "figures/ws_hijack_distance.png"], checks,
+         "figures/ws_hijack_distance.png", "figures/ws_lambda_n.png"], checks,
         f"Query q='a' (global favourite 'n'); pairs separated by {sc.gap} filler tokens; prompts of length {L} "
         f"(distance family {2 * L}, pairs starting at {starts}); {sc.per_cell} prompts per cell. AMT = orthogonal "
         "RPE construction (rule with uniform attention when S(q) is empty); calibrated AMT = the spec's "
         "random-basis construction (reference); trained models: rule with lambda_hat, mu_hat fitted on "
         "separate calibration prompts (S(q) empty -> global term only).")
     return fam, hj
+
+
+def count_rule_checks(counted: list, test: dict, ell, pi_b, fig_dir: Path) -> list[findings.Check]:
+    """C-14 (b): the count-dependent rule xi(k) = lambda(n_k) + mu log pi_b(k|q), fitted per trained
+    model on the calibration prompts (``counted``: (label, lambda(n), mu, model)), scored per family on
+    the held-out ``test`` prompts; the fitted lambda(n) drawn as ws_lambda_n."""
+    checks, curves = [], []
+    for lab, lam_n, mu, model in counted:
+        agree = {}
+        for name, fam in test.items():
+            rule = count_rule_logits(fam.z, lam_n, mu, ell)
+            agree[name] = float(outcome_table(fam, last_logits(model, fam.z), ell, 0.0, 0.0, pi_b,
+                                              rule=rule)["agree"].mean())
+        curves += [{"model": f"trained {lab}", "n": n, "lambda": float(v)} for n, v in enumerate(lam_n)]
+        checks.append(findings.Check(
+            f"C-14(b) trained {lab}: count-dependent rule, held-out agreement per family",
+            ", ".join(f"{k} {v:.2f}" for k, v in agree.items()), "trend only",
+            note=f"fitted on the calibration prompts: lambda(n=1..{len(lam_n) - 1}) = "
+                 + " ".join(f"{float(v):.2f}" for v in lam_n[1:]) + f", mu = {mu:.2f}"))
+        if lab == "RPE":
+            checks.append(findings.trend("C-14(b) trained RPE (random triggers): count-dependent rule agrees on "
+                                         ">= 90% in every family", min(agree.values()) >= 0.9,
+                                         f"lowest: {min(agree, key=agree.get)} {min(agree.values()):.2f}"))
+    plots.save(induction_plots.lambda_by_count(pd.DataFrame(curves)), fig_dir, "ws_lambda_n")
+    return checks

@@ -14,6 +14,8 @@ uses per-output weights lambda_k and per-association weights mu_ij.
 Closed-form rule (AMT logits at the last position T, query q = z_T):
     S(q) = {s <= T : z_{s-1} = q},  n_k = #{s in S(q) : z_s = k}
     xi(k) ~= lambda * n_k / |S(q)| + mu * log pi_b(k | q)        (first term absent when S(q) empty)
+Count-dependent ("weighted AMT") rule for trained models (C-14 b):
+    xi(k) ~= lambda(n_k) + mu * log pi_b(k | q),   lambda(0) = 0, lambda(n) free per count n
 """
 from __future__ import annotations
 
@@ -164,3 +166,27 @@ def fit_lambda_mu(logits: Tensor, z: Tensor, log_pi: Tensor, candidates: bool = 
     y = centre(logits).reshape(-1, 1)
     sol = torch.linalg.lstsq(X.double(), y.double()).solution[:, 0]
     return float(sol[0]), float(sol[1])
+
+
+def count_rule_logits(z: Tensor, lam_n: Tensor, mu: float, log_pi: Tensor) -> Tensor:
+    """xi [B, N] = lam_n[min(n_k, n_max)] + mu * log_pi[q, k] at the last position of prompts z [B, T];
+    lam_n [n_max + 1] with lam_n[0] = 0 (counts above n_max share lam_n[n_max])."""
+    n, _ = context_counts(z, log_pi.shape[0])
+    idx = n.long().clamp(max=lam_n.shape[0] - 1)
+    return lam_n.to(log_pi.dtype)[idx] + mu * log_pi[z[:, -1]]
+
+
+def fit_count_rule(logits: Tensor, z: Tensor, log_pi: Tensor, n_max: int = 6) -> tuple[Tensor, float]:
+    """Least-squares (lam_n [n_max + 1], mu) of last-position logits [B, N] on the indicators
+    [n_k = 1], ..., [n_k >= n_max] and log_pi(k|q), each centred over k within a prompt (logits are
+    defined up to a per-prompt shift); lam_n[0] = 0. A count that no calibration prompt has gets 0."""
+    N = log_pi.shape[0]
+    n, _ = context_counts(z, N)
+    idx = n.long().clamp(max=n_max)
+    X = torch.stack([(idx == j).double() for j in range(1, n_max + 1)] + [log_pi[z[:, -1]].double()], -1)
+    y = logits.double()[..., None]
+    Xc, yc = X - X.mean(1, keepdim=True), y - y.mean(1, keepdim=True)          # centre over k
+    sol = torch.linalg.lstsq(Xc.reshape(-1, n_max + 1), yc.reshape(-1, 1)).solution[:, 0]
+    lam = torch.cat([torch.zeros(1, dtype=torch.float64), sol[:n_max]])
+    seen = torch.tensor([True] + [bool((idx == j).any()) for j in range(1, n_max + 1)])
+    return torch.where(seen, lam, torch.zeros_like(lam)).float(), float(sol[n_max])
