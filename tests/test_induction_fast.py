@@ -23,14 +23,11 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("pos", ["ape", "ape_sinusoidal", "rel_bias", "none", "rope"])
-@pytest.mark.parametrize("ffn", ["none", "linear", "mlp"])
-def test_loss_logits_and_grads_equal_naive(pos, ffn):
-    m = _model(pos, ffn)
-    assert supports_fast(m) == (pos != "rope" and ffn != "mlp")
-    z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
-    qpos = torch.randint(0, 40, (2, 3, 6), generator=torch.Generator().manual_seed(2))
-    tgt = torch.randint(0, 65, (2, 3, 6), generator=torch.Generator().manual_seed(3))
+def _fast_matches_naive(m, z):
+    """loss_logits at random query positions equals the naive forward there, gradients included;
+    returns the naive logits at all positions."""
+    qpos = torch.randint(0, z.shape[-1], (*z.shape[:2], 6), generator=torch.Generator().manual_seed(2))
+    tgt = torch.randint(0, 65, (*z.shape[:2], 6), generator=torch.Generator().manual_seed(3))
     ref_all = m.naive_forward(z)
     ref = torch.gather(ref_all, 2, qpos[..., None].expand(-1, -1, -1, 65))
     F.cross_entropy(ref.flatten(0, 2), tgt.flatten()).backward()
@@ -41,6 +38,17 @@ def test_loss_logits_and_grads_equal_naive(pos, ffn):
     F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
     for n, g in _grads(m).items():
         torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    m.zero_grad()
+    return ref_all.detach()
+
+
+@pytest.mark.parametrize("pos", ["ape", "ape_sinusoidal", "rel_bias", "none", "rope"])
+@pytest.mark.parametrize("ffn", ["none", "linear", "mlp"])
+def test_loss_logits_and_grads_equal_naive(pos, ffn):
+    m = _model(pos, ffn)
+    assert supports_fast(m) == (pos != "rope" and ffn != "mlp")
+    z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
+    ref_all = _fast_matches_naive(m, z)
     with torch.no_grad():
         torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)
         lg, hooks = loss_logits(m, z, return_attn=True)          # what batch_metrics() reads
@@ -102,22 +110,12 @@ def test_layer2_log_scaling_fast_equals_naive_and_acts_only_beyond_T0(pos):
     """C-13 remedy: layer-2 scores at position t times max(1, log(t+1)/log T0), in all three forwards."""
     m = _model(pos, "none")
     z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
-    qpos = torch.randint(0, 40, (2, 3, 6), generator=torch.Generator().manual_seed(2))
     plain = m.naive_forward(z)
     m.l2_log_T = 16
     ref_all = m.naive_forward(z)
     torch.testing.assert_close(ref_all[:, :, :15], plain[:, :, :15])           # t + 1 <= 16: unchanged
     assert (ref_all[:, :, 20:] - plain[:, :, 20:]).abs().max() > 1e-3          # beyond: scaled
-    ref = torch.gather(ref_all, 2, qpos[..., None].expand(-1, -1, -1, 65))
-    tgt = torch.randint(0, 65, (2, 3, 6), generator=torch.Generator().manual_seed(3))
-    F.cross_entropy(ref.flatten(0, 2), tgt.flatten()).backward()
-    g_ref = _grads(m)
-    m.zero_grad()
-    fast = loss_logits(m, z, qpos)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
-    for n, g in _grads(m).items():
-        torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert _fast_matches_naive(m, z).equal(ref_all)
     with torch.no_grad():
         torch.testing.assert_close(m(z), ref_all, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)

@@ -91,16 +91,22 @@ def _by_model(df: pd.DataFrame):
         yield model, g, COLORS[i % len(COLORS)]
 
 
-@figure("ws_delay")
-def delay_curves(df: pd.DataFrame) -> plt.Figure:
-    """df: model, L0, acc_end."""
+def _line_per_model(df: pd.DataFrame, x: str, y: str, **labels) -> plt.Figure:
+    """One line per model of y against x; ``labels`` go to ``Axes.set`` (xlabel, ylabel, title)."""
     fig, ax = _subplots(1)
     a = ax[0, 0]
     for model, g, c in _by_model(df):
-        a.plot(g["L0"], g["acc_end"], marker="o", label=model, color=c)
-    a.set(xlabel="delay L0 (tokens without triggers)", ylabel="in-context accuracy")
+        a.plot(g[x], g[y], marker="o", label=model, color=c)
+    a.set(**labels)
     a.legend(fontsize=8)
     return fig
+
+
+@figure("ws_delay")
+def delay_curves(df: pd.DataFrame) -> plt.Figure:
+    """df: model, L0, acc_end."""
+    return _line_per_model(df, "L0", "acc_end", xlabel="delay L0 (tokens without triggers)",
+                           ylabel="in-context accuracy")
 
 
 def _model_and_rule(ax: plt.Axes, x, model_y, rule_y, color: str, label: str) -> None:
@@ -170,11 +176,5 @@ def hijack_distance(df: pd.DataFrame) -> plt.Figure:
 @figure("ws_lambda_n")
 def lambda_by_count(df: pd.DataFrame) -> plt.Figure:
     """df: model, n, lambda (the count-dependent rule's in-context weight, fitted per trained model)."""
-    fig, ax = _subplots(1)
-    a = ax[0, 0]
-    for model, g, c in _by_model(df):
-        a.plot(g["n"], g["lambda"], marker="o", label=model, color=c)
-    a.set(xlabel="in-context count n_k of the successor", ylabel="fitted lambda(n)",
-          title="xi(k) = lambda(n_k) + mu log pi_b(k|q)")
-    a.legend(fontsize=8)
-    return fig
+    return _line_per_model(df, "n", "lambda", xlabel="in-context count n_k of the successor",
+                           ylabel="fitted lambda(n)", title="xi(k) = lambda(n_k) + mu log pi_b(k|q)")
