@@ -110,8 +110,9 @@ def test_report_builder_on_a_tiny_grid(tmp_path, monkeypatch):
     derived = [ln for ln in rows if "(ours, derived)" in ln]
     assert any("| reference |" in ln for ln in derived)
     assert not any("| agrees |" in ln or "| disagrees |" in ln for ln in derived)
-    wv = [c for c in checks if c.name.startswith("L=64 m=")]
-    assert wv and all(c.source == "code" and c.verdict in ("agrees", "disagrees") for c in wv)
+    # every reference value names its source (the tiny grid's m = 3, 4 has no paper/code targets)
+    with_ref = [c for c in checks if c.reference is not None]
+    assert with_ref and all(c.source in ("paper", "code", "derived") for c in with_ref)
     assert "total_wall_s" in md and "Run metadata" in md
     # a second call reuses every stored run
     sec2 = E.reproduce(tmp_path, scale="tiny", jobs=1, families=["wv_bar"])
