@@ -179,14 +179,16 @@ def count_rule_logits(z: Tensor, lam_n: Tensor, mu: float, log_pi: Tensor) -> Te
 def fit_count_rule(logits: Tensor, z: Tensor, log_pi: Tensor, n_max: int = 6) -> tuple[Tensor, float]:
     """Least-squares (lam_n [n_max + 1], mu) of last-position logits [B, N] on the indicators
     [n_k = 1], ..., [n_k >= n_max] and log_pi(k|q), each centred over k within a prompt (logits are
-    defined up to a per-prompt shift); lam_n[0] = 0. A count that no calibration prompt has gets 0."""
+    defined up to a per-prompt shift); lam_n[0] = 0. A count that no calibration prompt has gets 0
+    (its column is left out of the fit, which keeps the system full rank)."""
     N = log_pi.shape[0]
     n, _ = context_counts(z, N)
     idx = n.long().clamp(max=n_max)
-    X = torch.stack([(idx == j).double() for j in range(1, n_max + 1)] + [log_pi[z[:, -1]].double()], -1)
+    seen = [j for j in range(1, n_max + 1) if bool((idx == j).any())]
+    X = torch.stack([(idx == j).double() for j in seen] + [log_pi[z[:, -1]].double()], -1)
     y = logits.double()[..., None]
     Xc, yc = X - X.mean(1, keepdim=True), y - y.mean(1, keepdim=True)          # centre over k
-    sol = torch.linalg.lstsq(Xc.reshape(-1, n_max + 1), yc.reshape(-1, 1)).solution[:, 0]
-    lam = torch.cat([torch.zeros(1, dtype=torch.float64), sol[:n_max]])
-    seen = torch.tensor([True] + [bool((idx == j).any()) for j in range(1, n_max + 1)])
-    return torch.where(seen, lam, torch.zeros_like(lam)).float(), float(sol[n_max])
+    sol = torch.linalg.lstsq(Xc.reshape(-1, len(seen) + 1), yc.reshape(-1, 1), driver="gelsd").solution[:, 0]
+    lam = torch.zeros(n_max + 1, dtype=torch.float64)
+    lam[seen] = sol[:len(seen)]
+    return lam.float(), float(sol[len(seen)])
