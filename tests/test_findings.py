@@ -81,3 +81,12 @@ def test_c10_agrees_with_the_authors_numbers_and_fails_when_off():
     never = ic.c10_checks(_record({"wk1": math.nan}, ic.AUTHORS_ACC_END), induction.SCALES["quick"], "quick")
     wk1 = next(c for c in never if c.name.endswith("wk1 >= 0.5"))
     assert wk1.verdict == "disagrees" and "quick scale uses other settings" in wk1.note
+
+
+def test_value_at_pairs_values_with_their_own_steps():
+    """A training-batch curve lacks the final step's entry: values are still read at their own steps."""
+    from assocmem.experiments.induction_checks import value_at
+    steps = [0, 5, 10, 15]
+    train_curve = [0.0, 0.5, 1.0]                     # no value for the final step 15
+    assert value_at(steps, train_curve, 10) == 1.0 and value_at(steps, train_curve, 7) == 0.5
+    assert value_at(steps, [0.0, 0.5, 1.0, 2.0], 15) == 2.0 and value_at(steps, train_curve, 20) is None

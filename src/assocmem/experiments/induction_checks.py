@@ -147,10 +147,14 @@ def first_cross(r: dict, key: str) -> float:
 
 
 def value_at(steps: list[int], values: list[float], step: int) -> float | None:
-    """A logged curve's value at ``step`` (the last logged step at or before it; None past the end)."""
-    if not steps or step > steps[-1]:
+    """A logged curve's value at ``step`` (the last logged step at or before it; None past the end).
+
+    ``values[i]`` belongs to ``steps[i]``; a training-batch curve has no entry for the final step,
+    so it may be one shorter than ``steps``."""
+    pairs = list(zip(steps, values))
+    if not pairs or step > pairs[-1][0]:
         return None
-    return next(v for s, v in zip(reversed(steps), reversed(values)) if s <= step)
+    return next(v for s, v in reversed(pairs) if s <= step)
 
 
 def authors_points() -> pd.DataFrame:
