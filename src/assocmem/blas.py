@@ -7,8 +7,7 @@ AMD CPUs; OpenBLAS's kernels differ by CPU generation). So the route is measured
 :func:`route` times both on a few products shaped like the LCA and induction training steps the
 first time it is needed on a machine, caches the answer in the user's cache folder
 (``blas-route.json``, keyed by CPU model, torch, numpy and OpenBLAS versions and kernels) and reuses
-it. ``ASSOCMEM_BLAS=numpy|torch`` overrides it; every
-sweep records the route in its runs' meta.
+it. ``ASSOCMEM_BLAS=numpy|torch`` overrides it; every sweep records the route in its runs' meta.
 
 :func:`matmul` uses the numpy route only when torch runs single-threaded (tiny models, the forked
 halves of a stack, sweep workers): with several torch threads, OpenBLAS's and torch's spinning thread

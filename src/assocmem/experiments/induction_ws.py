@@ -85,10 +85,15 @@ def remedy_checks(model, cfg, sc) -> tuple[list[findings.Check], str]:
     return checks, text
 
 
-def _hijack_rows(model, fams, ell, lam, mu, pi_b, name, empty) -> pd.DataFrame:
+def _last_logits(model, fams: dict) -> dict:
+    """The model's last-position logits on every prompt family, computed once per model."""
+    return {name: last_logits(model, f.z) for name, f in fams.items()}
+
+
+def _hijack_rows(logits: dict, fams, ell, lam, mu, pi_b, name, empty) -> pd.DataFrame:
     rows = []
-    for f in fams.values():
-        df = outcome_table(f, last_logits(model, f.z), ell, lam, mu, pi_b, empty=empty)
+    for key, f in fams.items():
+        df = outcome_table(f, logits[key], ell, lam, mu, pi_b, empty=empty)
         df["model"] = name
         if f.name == "distance":
             df["start"] = [int(c.split("=")[1]) for c in f.label]
@@ -110,21 +115,23 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
     tables, checks = [], []
     for lam in (2.0, 5.0, 10.0, 20.0):
         m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="orthogonal", n_ctx=2 * L)
-        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"AMT lambda={lam:g}", "uniform"))
+        tables.append(_hijack_rows(_last_logits(m, test), test, ell, lam, 1.0, st.pi_b, f"AMT lambda={lam:g}",
+                                   "uniform"))
     for lam in (2.0, 20.0):
         m = build_amt(st.pi_b, pos="rel_bias", lam=lam, basis="random", n_ctx=2 * L)
-        tables.append(_hijack_rows(m, test, ell, lam, 1.0, st.pi_b, f"calibrated AMT lambda={lam:g}", "uniform"))
+        tables.append(_hijack_rows(_last_logits(m, test), test, ell, lam, 1.0, st.pi_b,
+                                   f"calibrated AMT lambda={lam:g}", "uniform"))
     fitted, alt, counted = {}, [], []
+    zc = torch.cat([cal["single"].z, cal["conflict"].z])
     for pos, model in models.items():
         lab = LABEL[pos]
-        zc = torch.cat([cal["single"].z, cal["conflict"].z])
-        lg_cal = last_logits(model, zc)
+        lg_cal, lg_test = last_logits(model, zc), _last_logits(model, test)
         lh, mh = fit_lambda_mu(lg_cal, zc, ell)
         rho, _ = fit_ratio_by_winners(lg_cal, zc, ell)
         fitted[lab] = (lh, mh, rho)
-        tables.append(_hijack_rows(model, test, ell, lh, mh, st.pi_b, f"trained {lab}", "global"))
-        alt.append(_hijack_rows(model, test, ell, rho, 1.0, st.pi_b, f"trained {lab}", "global"))
-        counted.append((lab, *fit_count_rule(lg_cal, zc, ell), model))
+        tables.append(_hijack_rows(lg_test, test, ell, lh, mh, st.pi_b, f"trained {lab}", "global"))
+        alt.append(_hijack_rows(lg_test, test, ell, rho, 1.0, st.pi_b, f"trained {lab}", "global"))
+        counted.append((lab, *fit_count_rule(lg_cal, zc, ell), lg_test))
     hj = pd.concat(tables, ignore_index=True)
     hj_alt = pd.concat(alt, ignore_index=True)
     hj["T_train"] = L
@@ -184,15 +191,14 @@ def hijack_family(st: CharStats, models: dict, sc, fig_dir: Path) -> tuple[findi
 
 def count_rule_checks(counted: list, test: dict, ell, pi_b, fig_dir: Path) -> list[findings.Check]:
     """C-14 (b): the count-dependent rule xi(k) = lambda(n_k) + mu log pi_b(k|q), fitted per trained
-    model on the calibration prompts (``counted``: (label, lambda(n), mu, model)), scored per family on
-    the held-out ``test`` prompts; the fitted lambda(n) drawn as ws_lambda_n."""
+    model on the calibration prompts (``counted``: (label, lambda(n), mu, the model's logits per test
+    family)), scored per family on the held-out ``test`` prompts; the fitted lambda(n) drawn as ws_lambda_n."""
     checks, curves = [], []
-    for lab, lam_n, mu, model in counted:
+    for lab, lam_n, mu, logits in counted:
         agree = {}
         for name, fam in test.items():
             rule = count_rule_logits(fam.z, lam_n, mu, ell)
-            agree[name] = float(outcome_table(fam, last_logits(model, fam.z), ell, 0.0, 0.0, pi_b,
-                                              rule=rule)["agree"].mean())
+            agree[name] = float(outcome_table(fam, logits[name], ell, 0.0, 0.0, pi_b, rule=rule)["agree"].mean())
         curves += [{"model": f"trained {lab}", "n": n, "lambda": float(v)} for n, v in enumerate(lam_n)]
         checks.append(findings.Check(
             f"C-14(b) trained {lab}: count-dependent rule, held-out agreement per family",

@@ -174,7 +174,7 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
         opt.step()
         if tail:
             recent += loss.detach() / min(20, cfg.optim.steps)
-        step_done(step + 1, cfg.optim.steps, loss=loss if tail or batches is None else None)
+        step_done(step + 1, cfg.optim.steps, loss=loss)     # the count path computes it only in the tail
     ok = finite_members(recent[:, None], *(p for p in model.parameters()))
     acc, eval_loss = accuracy_and_loss(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
                               cfg.model.path)
