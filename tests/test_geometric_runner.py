@@ -39,23 +39,6 @@ def test_early_stopped_member_is_frozen():
     assert all(r.metrics["accuracy"] == 1.0 for r in stacked)
 
 
-def test_masked_adamw_matches_torch_adamw():
-    torch.manual_seed(0)
-    p0 = torch.randn(2, 5, 3)
-    grads = [torch.randn(2, 5, 3) for _ in range(4)]
-    o = build(G.OptimCfg, {"lr": 0.01, "weight_decay": 0.01})
-    p = p0.clone()
-    ref = torch.nn.Parameter(p0.clone())
-    opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    state = {}
-    for t, g in enumerate(grads, 1):
-        p.grad = g
-        G.adamw_step({"p": p}, state, t, torch.tensor([True, True]), o)
-        ref.grad = g.clone()
-        opt.step()
-    assert torch.allclose(p, ref.detach(), atol=1e-6)
-
-
 def test_cot_config_and_greedy_accuracy():
     r = G.run_stack([cfg(0, task__format="slots", task__k=2, task__cot=True, model__d_model=16,
                          optim__max_steps=30)])[0]

@@ -29,7 +29,59 @@ def test_optimizer_matches_torch_optim(name, extra):
             loss.backward()
             o.step()
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.equal(a, b)                   # the same float operations in the same order
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_lr_groups_and_skipped_params_match_torch_optim(name):
+    # the induction runner's use: a parameter group with its own lr (b_rel), and a matrix frozen for
+    # the first steps by leaving its grad None, which torch.optim skips with its own step count
+    cfg = build(OptimConfig, {"name": name, "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.9})
+    g = torch.Generator().manual_seed(1)
+    init = {"W": torch.randn(2, 4, 4, generator=g), "b_rel": torch.randn(2, 6, generator=g)}
+    ours = {k: v.clone().requires_grad_() for k, v in init.items()}
+    ref = {k: v.clone().requires_grad_() for k, v in init.items()}
+    opt = make_optimizer(ours, cfg, lr_mult={"b_rel": 10.0})
+    groups = [{"params": [ref["W"]]}, {"params": [ref["b_rel"]], "lr": cfg.lr * 10.0}]
+    topt = (torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            if name == "adamw" else torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+    for step in range(12):
+        for params, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            (params["W"].tanh().sum((1, 2)) * params["b_rel"].cos().sum(1)).sum().backward()
+            if step < 5:
+                params["W"].grad = None            # frozen until step 5
+            o.step()
+    for k in init:
+        assert torch.equal(ours[k], ref[k]), k
+    assert opt.t == [7, 12]                        # W took 7 steps, b_rel 12
+
+
+def test_masked_step_moves_only_active_members_and_unmasked_rows():
+    # the geometric runner's use: member i stops for good once it meets its stopping rule, and
+    # rows under a 0 mask (frozen embeddings) never move; everything else is torch's AdamW
+    cfg = build(OptimConfig, {"name": "adamw", "lr": 0.05, "weight_decay": 0.01})
+    g = torch.Generator().manual_seed(2)
+    init = torch.randn(2, 5, 3, generator=g)
+    grads = [torch.randn(2, 5, 3, generator=g) for _ in range(6)]
+    row_mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])[:, None]     # row 2 frozen
+    p = init.clone().requires_grad_()
+    opt = make_optimizer({"p": p}, cfg)
+    seen = []
+    for t, gr in enumerate(grads):
+        p.grad = gr.clone()
+        opt.step(torch.tensor([True, t < 2]), {"p": row_mask})   # member 1 stops after two steps
+        seen.append(p.detach().clone())
+    for member, n_steps in ((0, 6), (1, 2)):
+        ref = torch.nn.Parameter(init[member].clone())
+        topt = torch.optim.AdamW([ref], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        for gr in grads[:n_steps]:
+            ref.grad = gr[member].clone()
+            topt.step()
+        moved = torch.tensor([0, 1, 3, 4])
+        assert torch.equal(p[member, moved].detach(), ref.detach()[moved])
+        assert torch.equal(seen[n_steps - 1][member], p[member].detach())   # no change once stopped
+    assert torch.equal(p[:, 2].detach(), init[:, 2])                        # the masked row never moved
 
 
 def test_blas_matmul_equals_torch_with_and_without_autograd(monkeypatch):

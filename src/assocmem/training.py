@@ -36,16 +36,29 @@ class OptimConfig:
 
 
 class Optimizer:
-    """Minimal elementwise optimisers with torch.optim's exact update rules (AdamW, Adam with L2
-    weight decay, SGD with momentum). Elementwise updates keep members of a stacked model
-    independent. Written here because ``torch.optim`` imports TorchDynamo on first use, which costs
-    more than a whole LCA run in every fresh process; tests/test_training.py proves the
-    updates equal torch.optim's."""
+    """The one optimiser of every runner: torch.optim's exact update rules (AdamW, Adam with L2 weight
+    decay, SGD with momentum; tests/test_training.py proves them bit-equal) for stacked models.
 
-    def __init__(self, params, cfg: OptimConfig):
-        self.params = [p for p in params if p.requires_grad]
+    - ``params``: tensors, or a dict name -> tensor (names are needed for ``lr_mult``).
+    - ``lr_mult``: name -> factor of the learning rate (a parameter group of torch.optim).
+    - A parameter whose ``.grad`` is None is skipped, state and step count included, as torch.optim
+      does (how a runner freezes a matrix for some steps).
+    - ``step(active, masks)``: only members i with ``active[i]`` (leading dim S) change, parameter and
+      moments alike, and only entries where ``masks[name]`` (0/1, broadcastable) is 1; the others keep
+      their values bit for bit. Updates are elementwise, so members of a stack stay independent.
+
+    Written here rather than taken from ``torch.optim`` because that imports TorchDynamo on first use,
+    which costs more than a whole LCA run in every fresh process.
+    """
+
+    def __init__(self, params, cfg: OptimConfig, lr_mult: dict[str, float] | None = None):
+        named = params.items() if isinstance(params, dict) else ((str(i), p) for i, p in enumerate(params))
+        named = [(n, p) for n, p in named if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.cfg = cfg
-        self.t = 0
+        self.lr = [cfg.lr * (lr_mult or {}).get(n, 1.0) for n in self.names]
+        self.t = [0] * len(self.params)                  # steps taken, per parameter (torch's state["step"])
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params] if cfg.name != "sgd" else []
 
@@ -54,36 +67,67 @@ class Optimizer:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
-        cfg, params = self.cfg, self.params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        self.t += 1
+    def step(self, active: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        for i in live:
+            self.t[i] += 1
+        keep = None
+        if active is not None or masks:
+            keep = {i: self._frozen_part(i, active, masks) for i in live}
+            keep = {i: k for i, k in keep.items() if k is not None}
+            old = {i: (self.params[i].clone(), self.m[i].clone(), self.v[i].clone() if self.v else None)
+                   for i in keep}
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i in live:                                   # one foreach call per (lr, step count)
+            groups.setdefault((self.lr[i], self.t[i]), []).append(i)
+        for (lr, t), idx in groups.items():
+            self._update(idx, lr, t)
+        for i, k in (keep or {}).items():                # members and rows that must not move
+            for now, before in zip((self.params[i], self.m[i], self.v[i] if self.v else None), old[i]):
+                if now is not None:
+                    now.copy_(torch.where(k, before, now))
+
+    def _frozen_part(self, i: int, active, masks) -> torch.Tensor | None:
+        """Bool tensor broadcastable to parameter i: True where it must keep its value (None: nowhere)."""
+        p = self.params[i]
+        move = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))
+        if masks and self.names[i] in masks:
+            row = masks[self.names[i]].bool()
+            move = row if move is None else move & row
+        return None if move is None else ~move
+
+    def _update(self, idx: list[int], lr: float, t: int) -> None:
+        cfg = self.cfg
+        params = [self.params[i] for i in idx]
+        grads = [self.params[i].grad for i in idx]
+        m = [self.m[i] for i in idx]
         if cfg.name == "sgd":
             if cfg.weight_decay:
                 grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
             if cfg.momentum:
-                if self.t == 1:
-                    torch._foreach_copy_(self.m, grads)
+                if t == 1:
+                    torch._foreach_copy_(m, grads)
                 else:
-                    torch._foreach_mul_(self.m, cfg.momentum)
-                    torch._foreach_add_(self.m, grads)
-                grads = self.m
-            torch._foreach_add_(params, grads, alpha=-cfg.lr)
+                    torch._foreach_mul_(m, cfg.momentum)
+                    torch._foreach_add_(m, grads)
+                grads = m
+            torch._foreach_add_(params, grads, alpha=-lr)
             return
+        v = [self.v[i] for i in idx]
         b1, b2 = cfg.betas
         if cfg.name == "adamw":
-            torch._foreach_mul_(params, 1.0 - cfg.lr * cfg.weight_decay)
+            torch._foreach_mul_(params, 1.0 - lr * cfg.weight_decay)
         elif cfg.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
-        torch._foreach_lerp_(self.m, grads, 1.0 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, grads, grads, 1.0 - b2)
-        step_size = cfg.lr / (1.0 - b1 ** self.t)
-        bias2_sqrt = (1.0 - b2 ** self.t) ** 0.5
-        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_lerp_(m, grads, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
+        step_size = lr / (1.0 - b1 ** t)
+        bias2_sqrt = (1.0 - b2 ** t) ** 0.5
+        denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, cfg.eps)
-        torch._foreach_addcdiv_(params, self.m, denom, -step_size)
+        torch._foreach_addcdiv_(params, m, denom, -step_size)
 
 
 _ON_STEP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("assocmem_on_step", default=None)
@@ -109,8 +153,9 @@ def step_done(step: int, total: int, **values) -> None:
         callback(step, total, values)
 
 
-def make_optimizer(params, cfg: OptimConfig) -> Optimizer:
-    return Optimizer(params, cfg)
+def make_optimizer(params, cfg: OptimConfig, lr_mult: dict[str, float] | None = None) -> Optimizer:
+    """The optimiser every runner uses (:class:`Optimizer`); ``params`` a dict name -> tensor or a list."""
+    return Optimizer(params, cfg, lr_mult)
 
 
 DEVICES = ("cpu", "cuda", "auto")

@@ -5,9 +5,9 @@ A run: draw R bijections (``task`` stream), enumerate every query, initialise a 
 is below ``optim.stop_loss``, or ``optim.max_steps``), and report accuracy, margins and curves.
 
 Configs equal up to their seeds train as one :class:`StackedTransformer` (leading instance dim S). The
-loss is the sum of per-instance mean losses, so gradients never mix; the optimiser is a masked AdamW
-(:func:`adamw_step`) that freezes an instance the step it meets its stopping rule, so member i of a
-stack equals the single run with seed i (tested).
+loss is the sum of per-instance mean losses, so gradients never mix; AdamW (``training.Optimizer``)
+steps only the active instances, so an instance freezes the step it meets its stopping rule and
+member i of a stack equals the single run with seed i (tested).
 
 Defaults are [ours] (spec geometric.md, Training): d_model 32, m = 4*d, 1 head, no LayerNorm, untied
 learned W_E and W_U, AdamW lr 3e-3, betas (0.9, 0.999), wd 0, at most 4000 full-batch steps, stop at
@@ -26,7 +26,7 @@ from torch import Tensor
 from ..config import ConfigError, Seeds, param
 from ..models.geometric import WEIGHT_NAMES, StackedTransformer, unembed_cross_entropy
 from ..registry import RunResult, TaskSpec
-from ..training import RunConfig, resolve_device, step_done
+from ..training import OptimConfig, RunConfig, make_optimizer, resolve_device, step_done
 from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
 from ..theory.geometric import recall_metrics
 
@@ -123,30 +123,6 @@ def build_model(cfg: GeoConfig, S: int, data: GeoData) -> StackedTransformer:
 
 
 # ---- optimisation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def adamw_step(params: dict[str, Tensor], state: dict[str, dict[str, Tensor]], step: int, active: Tensor,
-               o: OptimCfg, masks: dict[str, Tensor] | None = None) -> None:
-    """One decoupled-weight-decay Adam step (as torch.optim.AdamW) applied only to active instances.
-
-    params: name -> stacked parameter [S, ...] with .grad; active [S] bool; masks: optional name ->
-    0/1 tensor broadcastable to the parameter (rows not to train, e.g. frozen relation embeddings).
-    """
-    b1, b2 = o.beta1, o.beta2
-    c1, c2 = 1 - b1 ** step, 1 - b2 ** step
-    for name, p in params.items():
-        g = p.grad
-        if g is None:
-            continue
-        st = state.setdefault(name, {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
-        a = active.view(-1, *([1] * (p.dim() - 1)))
-        if masks is not None and name in masks:
-            a = a & masks[name].bool()
-        st["m"].copy_(torch.where(a, b1 * st["m"] + (1 - b1) * g, st["m"]))
-        st["v"].copy_(torch.where(a, b2 * st["v"] + (1 - b2) * g * g, st["v"]))
-        new = p * (1 - o.lr * o.weight_decay) - o.lr * (st["m"] / c1) / ((st["v"] / c2).sqrt() + o.eps)
-        p.copy_(torch.where(a, new, p))
-
-
 def per_instance_loss(logits: Tensor, targets: Tensor, with_acc: bool = True) -> tuple[Tensor, Tensor | None]:
     """Mean cross-entropy and accuracy per instance over positions with a target.
 
@@ -194,7 +170,8 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     params = {n: getattr(model, n) for n in trainable}
     for n in WEIGHT_NAMES:
         getattr(model, n).requires_grad_(n in params)
-    state: dict[str, dict[str, Tensor]] = {}
+    opt = make_optimizer(params, OptimConfig(name="adamw", lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                             weight_decay=o.weight_decay))
     active = torch.ones(S, dtype=torch.bool, device=device)
     steps = [o.max_steps] * S
     final_loss, final_acc = [math.nan] * S, [0.0] * S
@@ -236,7 +213,7 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
         for p in params.values():
             p.grad = None
         (loss * active.float()).nan_to_num(0.0).sum().backward()
-        adamw_step(params, state, step + 1, active, o, masks)
+        opt.step(active, masks)
         step_done(step + 1, o.max_steps, loss=loss)
     for p in params.values():
         p.grad = None
@@ -311,7 +288,7 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
 
 # Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
 # to this task's code (runner, model, task data, training) that alters results for the same config.
-PROTOCOL = "geometric-1"
+PROTOCOL = "geometric-2"
 
 SPEC = TaskSpec(
     name="geometric",

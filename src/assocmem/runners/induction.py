@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, param
-from ..training import RunConfig, resolve_device, step_done
+from ..training import OptimConfig, RunConfig, make_optimizer, resolve_device, step_done
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..registry import RunResult, TaskSpec
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats, resolve_data_path
@@ -183,13 +183,9 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     simplified = isinstance(model, SimplifiedInduction)
     o = cfg.optim
     params = dict(model.named_parameters())
-    groups = [{"params": [p for n, p in params.items() if n != "b_rel"]}]
-    if "b_rel" in params:
-        groups.append({"params": [params["b_rel"]], "lr": o.lr * o.bias_lr_mult})
-    if o.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas[:2]), eps=1e-8, weight_decay=o.weight_decay)
+    rule = OptimConfig(name=o.name, lr=o.lr, betas=tuple(o.betas[:2]), eps=1e-8, momentum=o.momentum,
+                       weight_decay=o.weight_decay)
+    opt = make_optimizer(params, rule, lr_mult={"b_rel": o.bias_lr_mult})
     freeze = {}
     for item in o.freeze_until:
         name, _, step = item.partition(":")
@@ -235,7 +231,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                 curves["step"].append(step)
             break
         x, y, outs, _ = _stack_batches(ds, o.batch, g_train)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         if simplified:
             stats = chunked_step(model, x.to(dev), y.to(dev), outs.to(dev), o.loss, o.micro_batch, parts)
             per = stats.pop("loss")
