@@ -10,6 +10,7 @@ import pickle
 import signal
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -161,13 +162,22 @@ def make_optimizer(params, cfg: OptimConfig, lr_mult: dict[str, float] | None = 
 DEVICES = ("cpu", "cuda", "auto")
 
 
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """What every task's run config holds besides its task/model/optim(/eval) parts: the seed, the
-    random streams derived from it, and the device. Field order does not enter the run id (sorted JSON)."""
+    random streams derived from it, and the device. Field order does not enter the run id (sorted JSON).
+
+    A task's config subclasses it and declares its parts as fields; the subclass becomes a frozen
+    dataclass without a decorator of its own (``__init_subclass__``; type checkers read it as one
+    through ``dataclass_transform``)."""
     seed: int = param(0, lo=0)
     seeds: Seeds = dataclasses.field(default_factory=Seeds)
     device: str = param("cpu", choices=DEVICES, help="where the model trains; data are drawn on the CPU")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True)(cls)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -96,7 +96,6 @@ class OptimCfg:
                           help="stop an instance whose best accuracy has not improved for this many steps (0 = off)")
 
 
-@dataclasses.dataclass(frozen=True)
 class GeoConfig(RunConfig):
     """One geometric-recall run (specs/geometric.md): facts, model, masked AdamW with its stopping rule."""
     task: TaskCfg = dataclasses.field(default_factory=TaskCfg)

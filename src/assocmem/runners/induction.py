@@ -90,7 +90,6 @@ class InductionEvalConfig:
     bucket: int = param(64, lo=1, hi=8192, help="position bucket width")
 
 
-@dataclasses.dataclass(frozen=True)
 class InductionConfig(RunConfig):
     task: InductionTaskConfig = dataclasses.field(default_factory=InductionTaskConfig)
     model: InductionModelConfig = dataclasses.field(default_factory=InductionModelConfig)

@@ -47,7 +47,6 @@ class EvalConfig:
     chunk: int = param(4096, lo=1, hi=1_000_000)
 
 
-@dataclasses.dataclass(frozen=True)
 class LCAConfig(RunConfig):
     """One LCA run (specs/lca.md): the task (m, L, beta, rho, clusters), the one-layer model, AdamW, evaluation."""
     task: LCATaskConfig = dataclasses.field(default_factory=LCATaskConfig)
