@@ -117,3 +117,23 @@ def test_forked_call_returns_results_and_raises_child_errors():
         raise ValueError("bad member")
     with pytest.raises(RuntimeError, match="ValueError: bad member"):
         ForkedCall(boom, None).result()
+
+
+def test_train_loop_runs_hooks_before_updates_and_stops_on_request():
+    from assocmem.training import STOP, on_step, train_loop
+    events, reported = [], []
+
+    def step(s):
+        events.append(("update", s))
+        return torch.tensor([float(s)])
+
+    with on_step(lambda s, total, values: reported.append((s, total))):
+        n = train_loop(5, step, [(2, lambda s: events.append(("eval", s))), (0, lambda s: events.append(("end", s)))])
+    assert n == 5
+    assert events == [("eval", 0), ("update", 0), ("update", 1), ("eval", 2), ("update", 2), ("update", 3),
+                      ("eval", 4), ("update", 4), ("eval", 5), ("end", 5)]
+    assert reported == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    # a step that asks to stop: no update reported for it, no last-step hooks
+    events.clear()
+    n = train_loop(5, lambda s: STOP if s == 3 else step(s), [(0, lambda s: events.append(("end", s)))])
+    assert n == 3 and events == [("update", 0), ("update", 1), ("update", 2)]

@@ -154,6 +154,33 @@ def step_done(step: int, total: int, **values) -> None:
         callback(step, total, values)
 
 
+STOP = object()     # returned by a train_step to end training early
+
+
+def train_loop(steps: int, train_step: Callable[[int], object],
+               hooks: Sequence[tuple[int, Callable[[int], object]]] = ()) -> int:
+    """The training skeleton of every runner.
+
+    For step = 0, 1, ..., steps: first each hook ``(every, fn)`` due at this step runs ``fn(step)``
+    (due: ``step % every == 0`` or the last step; ``every = 0``: the last step only); hooks read the
+    model before that step's update (evaluation, probes, logging). Then, unless this is the last step,
+    ``train_step(step)`` makes one update and returns the per-member loss [S] (None where the step
+    did not compute it), or :data:`STOP` to end early (every member met its stopping rule); each
+    update is reported to :func:`step_done`.
+    Returns the number of updates made."""
+    for step in range(steps + 1):
+        for every, fn in hooks:
+            if step == steps or (every and step % every == 0):
+                fn(step)
+        if step == steps:
+            return step
+        loss = train_step(step)
+        if loss is STOP:
+            return step
+        step_done(step + 1, steps, loss=loss)
+    return steps
+
+
 def make_optimizer(params, cfg: OptimConfig, lr_mult: dict[str, float] | None = None) -> Optimizer:
     """The optimiser every runner uses (:class:`Optimizer`); ``params`` a dict name -> tensor or a list."""
     return Optimizer(params, cfg, lr_mult)

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..config import ConfigError, Seeds, param
 from ..models.geometric import WEIGHT_NAMES, StackedTransformer, unembed_cross_entropy
 from ..registry import RunResult, TaskSpec
-from ..training import OptimConfig, RunConfig, make_optimizer, resolve_device, step_done
+from ..training import STOP, OptimConfig, RunConfig, make_optimizer, resolve_device, train_loop
 from ..tasks.geometric import GeoData, draw_bijections, information_bits, multi_hop, single_hop
 from ..theory.geometric import recall_metrics
 
@@ -180,7 +180,9 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     curve_acc: list[list[float]] = []
     best = [-1.0] * S
     best_step = [0] * S
-    for step in range(o.max_steps + 1):
+    def measure(step: int) -> Tensor:
+        """The loss [S] at this step; logs it, and applies the stopping rule every ``check_every`` steps
+        and at the last step (which stops every instance still active)."""
         check = step % o.check_every == 0 or step == o.max_steps
         log = step % o.log_every == 0 or step == o.max_steps
         if fused:
@@ -207,13 +209,19 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
                 if done or step == o.max_steps:
                     steps[i] = step
                     active[i] = False
-            if not active.any():
-                break
+        return loss
+
+    def train_step(step: int) -> object:
+        loss = measure(step)
+        if not active.any():
+            return STOP
         for p in params.values():
             p.grad = None
         (loss * active.float()).nan_to_num(0.0).sum().backward()
         opt.step(active, masks)
-        step_done(step + 1, o.max_steps, loss=loss)
+        return loss
+
+    train_loop(o.max_steps, train_step, hooks=[(0, measure)])      # the last step only measures
     for p in params.values():
         p.grad = None
         p.requires_grad_(False)

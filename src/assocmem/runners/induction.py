@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, param
-from ..training import OptimConfig, RunConfig, make_optimizer, resolve_device, step_done
+from ..training import OptimConfig, RunConfig, make_optimizer, resolve_device, train_loop
 from ..models.induction import FFN_KINDS, POS_KINDS, GenericTransformer, SimplifiedInduction
 from ..registry import RunResult, TaskSpec
 from ..tasks.induction import DEFAULT_DATA_PATH, TriggerBigram, delayed_batch, load_stats, resolve_data_path
@@ -201,7 +201,9 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
     ecurves: dict[str, list] = {"step": []}
     alive = torch.ones(S, dtype=torch.bool)
 
-    def log_eval(step):
+    last_eval: dict = {}
+
+    def log_eval(step: int) -> None:
         model.eval()
         r = batch_metrics(model, xt, yt, ot, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
         ecurves["step"].append(step)
@@ -211,24 +213,20 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
             r2 = batch_metrics(model, xi, yi, oi, chunk=cfg.eval.chunk, bucket=cfg.eval.bucket)
             ecurves.setdefault("acc_end_in_dist", []).append(r2["acc_end"].tolist())
         model.train()
-        return r
+        last_eval.update(r)
+
+    def log_probes(step: int) -> None:
+        pr = memory_probes(model, cfg.task.T, st.pi_b, query_tokens, ds.fixed if cfg.task.fixed_triggers else None)
+        for k, v in pr.items():
+            curves.setdefault(k, []).append(v.tolist())
 
     # on the CPU, a step's chunks go to single-threaded forked parts, one per torch thread: the
     # parts use numpy's BLAS and run the element-wise work without thread syncs (benchmarks/induction_speed.py)
     parts = torch.get_num_threads() if simplified and dev.type == "cpu" else 1
-    for step in range(o.steps + 1):
-        log = step % o.log_every == 0 or step == o.steps
-        if step % cfg.eval.every == 0 or step == o.steps:
-            log_eval(step)
-        if log and simplified:
-            pr = memory_probes(model, cfg.task.T, st.pi_b, query_tokens,
-                               ds.fixed if cfg.task.fixed_triggers else None)
-            for k, v in pr.items():
-                curves.setdefault(k, []).append(v.tolist())
-        if step == o.steps:
-            if log:
-                curves["step"].append(step)
-            break
+
+    def train_step(step: int) -> torch.Tensor:
+        nonlocal alive
+        log = step % o.log_every == 0
         x, y, outs, _ = _stack_batches(ds, o.batch, g_train)
         opt.zero_grad()
         if simplified:
@@ -258,12 +256,11 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
                 if p.grad is not None and name in PARAM_NAMES:
                     curves.setdefault(f"grad_{name}", []).append(p.grad.flatten(1).norm(dim=1).tolist())
         opt.step()
-        step_done(step + 1, o.steps, loss=per)
-    final = log_eval(o.steps)
-    ecurves["step"].pop()
-    for k in list(ecurves):
-        if k != "step":
-            ecurves[k].pop()   # the final evaluation is reported as scalars, not twice in the curve
+        return per
+
+    hooks = [(cfg.eval.every, log_eval)] + ([(o.log_every, log_probes)] if simplified else [])
+    train_loop(o.steps, train_step, hooks + [(0, lambda step: curves["step"].append(step))])
+    final = last_eval                  # the evaluation at the last step: the curve's last point and the scalars
     long = {}
     for Tt in cfg.eval.T_test:
         gl = [torch.Generator().manual_seed(s.eval + Tt) for s in seeds]

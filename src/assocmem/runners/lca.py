@@ -16,7 +16,7 @@ from ..config import ConfigError, param
 from ..models.lca import LCAModel
 from ..registry import RunResult, TaskSpec
 from ..tasks.lca import LCATask, counts, task_for
-from ..training import OptimConfig, RunConfig, finite_members, make_optimizer, resolve_device, run_split, step_done
+from ..training import OptimConfig, RunConfig, finite_members, make_optimizer, resolve_device, run_split, train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,8 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
     S, B = len(configs), cfg.optim.batch_size
     recent = torch.zeros(S, device=device)
     batches = count_batches(task, B, train_g, cfg.optim.steps, device) if cfg.model.path == "count" else None
-    for step in range(cfg.optim.steps):
+
+    def train_step(step: int) -> torch.Tensor:
         opt.zero_grad()
         tail = step >= cfg.optim.steps - 20              # the reported train loss averages these steps
         if batches is not None:              # hand-written gradients, equal to autograd's (tested)
@@ -172,8 +173,10 @@ def _run_stack(configs: Sequence[LCAConfig]) -> list[RunResult]:
             loss.sum().backward()
         opt.step()
         if tail:
-            recent += loss.detach() / min(20, cfg.optim.steps)
-        step_done(step + 1, cfg.optim.steps, loss=loss)     # the count path computes it only in the tail
+            recent.add_(loss.detach() / min(20, cfg.optim.steps))
+        return loss                          # the count path computes it only in the tail
+
+    train_loop(cfg.optim.steps, train_step)
     ok = finite_members(recent[:, None], *(p for p in model.parameters()))
     acc, eval_loss = accuracy_and_loss(model, task, [gen(s.eval) for s in seeds], cfg.eval.n_eval, cfg.eval.chunk,
                               cfg.model.path)
