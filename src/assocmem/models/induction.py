@@ -32,15 +32,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .init import linear_init
+
 POS_KINDS = ("ape", "ape_learned", "ape_sinusoidal", "rope", "rel_bias", "none")
 FFN_KINDS = ("none", "linear", "mlp")
 ATTN_MATS = ("W_K1", "W_V1", "W_O1", "W_K2", "W_V2", "W_O2")
-
-
-def linear_init(shape: Sequence[int], fan_in: int, g: torch.Generator) -> Tensor:
-    """PyTorch's default nn.Linear weight init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    b = 1.0 / math.sqrt(fan_in)
-    return (torch.rand(*shape, generator=g) * 2 - 1) * b
 
 
 def sinusoidal(n: int, d: int) -> Tensor:

@@ -20,11 +20,7 @@ from torch import Tensor, nn
 
 from ..blas import matmul as _mm
 from ..tasks.lca import counts as token_counts
-
-
-def linear_init(S: int, d: int, g: torch.Generator) -> Tensor:
-    """PyTorch's default bias-free Linear init, U(-1/sqrt(d), 1/sqrt(d)), for S instances."""
-    return (torch.rand(S, d, d, generator=g) * 2 - 1) / math.sqrt(d)
+from .init import linear_init
 
 
 class LCAModel(nn.Module):
@@ -47,9 +43,9 @@ class LCAModel(nn.Module):
         E, Q, K, Vm = [], [], [], []
         for g in generators:
             E.append(torch.randn(1, vocab_size, d, generator=g))
-            Q.append(linear_init(1, d, g))
-            K.append(linear_init(1, d, g))
-            Vm.append(linear_init(1, d, g))
+            Q.append(linear_init((1, d, d), d, g))
+            K.append(linear_init((1, d, d), d, g))
+            Vm.append(linear_init((1, d, d), d, g))
         W_Q, W_K = torch.cat(Q), torch.cat(K)
         if uniform_attention:
             W_Q, W_K = torch.zeros_like(W_Q), torch.zeros_like(W_K)
