@@ -54,6 +54,12 @@ def test_a_damaged_cache_is_measured_again(fresh, monkeypatch):
     assert json.loads((fresh / "blas-route.json").read_text())
 
 
+def test_a_near_tie_goes_to_torch_and_numpy_needs_a_clear_margin():
+    assert blas.choose({"numpy": 0.97, "torch": 1.0}) == "torch"     # 3% faster: a tie
+    assert blas.choose({"numpy": 1.03, "torch": 1.0}) == "torch"
+    assert blas.choose({"numpy": 0.90, "torch": 1.0}) == "numpy"     # 10% faster
+
+
 def test_measure_times_both_routes_with_the_given_clock():
     ticks = count()
     times = blas.measure(repeat=2, timer=lambda: float(next(ticks)))

@@ -5,7 +5,8 @@ the CPU when it loads (``OPENBLAS_CORETYPE`` overrides the choice). Which one is
 batched products of single-threaded training depends on the machine (MKL takes a generic path on
 AMD CPUs; OpenBLAS's kernels differ by CPU generation). So the route is measured, not assumed:
 :func:`route` times both on a few products shaped like the LCA and induction training steps the
-first time it is needed on a machine, caches the answer in the user's cache folder
+first time it is needed on a machine, takes numpy only if it is more than 5% faster (:func:`choose`),
+caches the answer in the user's cache folder
 (``blas-route.json``, keyed by CPU model, torch, numpy and OpenBLAS versions and kernels) and reuses
 it. ``ASSOCMEM_BLAS=numpy|torch`` overrides it; every sweep records the route in its runs' meta.
 
@@ -59,7 +60,8 @@ def machine_key() -> dict[str, str]:
 
 def measure(repeat: int = 5, inner: int = 8, timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Seconds per route for ``inner`` passes over :data:`SHAPES` (best of ``repeat``, after one
-    warm-up pass), torch at one thread. About half a second in all."""
+    warm-up pass), torch at one thread. The routes take turns, so a machine that speeds up or slows
+    down meanwhile (other jobs, clock changes) weighs on both alike. About half a second in all."""
     import numpy as np
     _np_threads_one()
     threads = torch.get_num_threads()
@@ -68,26 +70,35 @@ def measure(repeat: int = 5, inner: int = 8, timer: Callable[[], float] = time.p
     pairs = [(torch.randn(b, n, k, generator=g), torch.randn(b, k, m, generator=g)) for b, n, k, m in SHAPES]
     calls = {"numpy": lambda a, b: np.matmul(a.numpy(), b.numpy()), "torch": lambda a, b: a @ b}
     try:
-        out = {}
-        for name, fn in calls.items():
+        for fn in calls.values():
             for a, b in pairs:
                 fn(a, b)
-            best = float("inf")
-            for _ in range(repeat):
+        out = {name: float("inf") for name in calls}
+        for _ in range(repeat):
+            for name, fn in calls.items():
                 t0 = timer()
                 for _ in range(inner):
                     for a, b in pairs:
                         fn(a, b)
-                best = min(best, timer() - t0)
-            out[name] = best
+                out[name] = min(out[name], timer() - t0)
         return out
     finally:
         torch.set_num_threads(threads)
 
 
+MARGIN = 0.05   # numpy is chosen only when it is faster by more than this fraction
+
+
+def choose(times: dict[str, float]) -> str:
+    """The route for measured ``times``: numpy when it beats torch by more than :data:`MARGIN`, else
+    torch. Within the margin the two are a tie for training speed, and a fixed answer keeps
+    calibrations that land on either side of the tie from flipping the route between processes."""
+    return "numpy" if times["numpy"] < (1.0 - MARGIN) * times["torch"] else "torch"
+
+
 def route() -> str:
-    """``numpy`` or ``torch``: ``$ASSOCMEM_BLAS`` if set, else the faster on this machine (measured
-    once by :func:`measure` and cached under :func:`assocmem.io.cache_dir`)."""
+    """``numpy`` or ``torch``: ``$ASSOCMEM_BLAS`` if set, else :func:`choose` on this machine's
+    :func:`measure` (measured once and cached under :func:`assocmem.io.cache_dir`)."""
     global _route
     if _route is None:
         _route = _decide()
@@ -103,7 +114,7 @@ def _decide() -> str:
     from . import io
     key = machine_key()
     path = io.cache_dir() / "blas-route.json"
-    digest = io.content_hash(key)
+    digest = io.content_hash({**key, "margin": MARGIN})      # a new rule measures again
     try:
         import json
         table = json.loads(path.read_text())
@@ -112,7 +123,7 @@ def _decide() -> str:
     except (OSError, ValueError, AttributeError):
         table = {}
     times = measure()
-    choice = min(ROUTES, key=times.get)
+    choice = choose(times)
     table[digest] = {"route": choice, "seconds": times, "key": key}
     try:
         io.atomic_write_json(path, table)
