@@ -309,7 +309,7 @@ def run_stack(configs: Sequence[InductionConfig]) -> list[RunResult]:
 
 # Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
 # to this task's code (runner, model, task data, training) that alters results for the same config.
-PROTOCOL = "induction-2"
+PROTOCOL = "induction-3"
 
 SPEC = TaskSpec(
     name="induction",
