@@ -17,8 +17,8 @@ products that run (``counted_gflop``) and, for fast, from the formula of ``fast_
 
 GFLOP per step at the defaults (batch of seed 0; 2 FLOP per multiply-add): fast 79.9 counted (80.0 by
 the formula; the fast path before 2026-12-06: 105.8), naive 335.2. Timings (``--threads 2 --modes
-fast,naive``, best of 3): 2026-11-24 on the idle machine fast 0.84-0.91 s, naive 2.91 s (3.2x);
-2026-12-06 the machine was shared (load 5-7), see docs/induction.md for what could be measured.
+fast,naive``, best of 3, idle machine): 2026-12-06 fast 0.76-0.80 s, naive 3.01-3.06 s (3.8-4.0x;
+the 2026-11-24 fast path 0.89 s in the same minutes); 2026-11-24 fast 0.84-0.91 s, naive 2.91 s (3.2x).
 """
 from __future__ import annotations
 
