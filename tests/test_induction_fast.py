@@ -23,9 +23,9 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-def _fast_matches_naive(m, z):
-    """loss_logits at random query positions equals the naive forward there, gradients included;
-    returns the naive logits at all positions."""
+def _fast_matches_naive(m, z, blocks=False):
+    """loss_logits at random query positions equals the naive forward there, gradients included
+    (with ``blocks``: the queries in two blocks by position); returns the naive logits at all positions."""
     qpos = torch.randint(0, z.shape[-1], (*z.shape[:2], 6), generator=torch.Generator().manual_seed(2))
     tgt = torch.randint(0, 65, (*z.shape[:2], 6), generator=torch.Generator().manual_seed(3))
     ref_all = m.naive_forward(z)
@@ -33,12 +33,18 @@ def _fast_matches_naive(m, z):
     F.cross_entropy(ref.flatten(0, 2), tgt.flatten()).backward()
     g_ref = _grads(m)
     m.zero_grad()
-    fast = loss_logits(m, z, qpos)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
-    for n, g in _grads(m).items():
-        torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
-    m.zero_grad()
+    q, order = torch.sort(qpos, -1)
+    for split in ((False, True) if blocks else (False,)):
+        if split:     # the queries in two blocks by position, each on its own prefix: the same maths
+            fast = loss_logits(m, z, (q[..., :2], q[..., 2:]))
+            fast = torch.zeros_like(fast).scatter_(2, order[..., None].expand(-1, -1, -1, 65), fast)
+        else:
+            fast = loss_logits(m, z, qpos)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        F.cross_entropy(fast.flatten(0, 2), tgt.flatten()).backward()
+        for n, g in _grads(m).items():
+            torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+        m.zero_grad()
     return ref_all.detach()
 
 
@@ -48,7 +54,7 @@ def test_loss_logits_and_grads_equal_naive(pos, ffn):
     m = _model(pos, ffn)
     assert supports_fast(m) == (pos != "rope" and ffn != "mlp")
     z = torch.randint(0, 65, (2, 3, 40), generator=torch.Generator().manual_seed(1))
-    ref_all = _fast_matches_naive(m, z)
+    ref_all = _fast_matches_naive(m, z, blocks=True)
     with torch.no_grad():
         torch.testing.assert_close(loss_logits(m, z), ref_all, atol=1e-5, rtol=1e-5)
         lg, hooks = loss_logits(m, z, return_attn=True)          # what batch_metrics() reads
@@ -88,11 +94,14 @@ def test_chunked_step_equals_full_batch_step(stats, pos, ffn, loss, parts):
         torch.testing.assert_close(g, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_loss_positions_pad_per_chunk():
+def test_loss_positions_pad_per_chunk_and_block():
     outs = torch.tensor([[[0, 2, 0, 3], [0, 0, 0, 2]]])
-    qpos, valid = loss_positions(outs)
+    (qpos,), valid = loss_positions(outs)
     assert qpos.shape == (1, 2, 2)
-    assert qpos[0, 0].tolist() == [1, 3] and valid[0, 1].tolist() == [True, False] and qpos[0, 1, 0] == 3
+    assert qpos[0, 0].tolist() == [1, 3] and valid[0, 1].tolist() == [True, False] and qpos[0, 1].tolist() == [3, 0]
+    (lo, hi), valid = loss_positions(outs, blocks=2)          # positions 0-1 and 2-3, padding at 0
+    assert lo.tolist() == [[[1], [0]]] and hi.tolist() == [[[3], [3]]]
+    assert valid.tolist() == [[[True, True], [False, True]]]
 
 
 def test_chunk_bounds_cap_and_count_rule():

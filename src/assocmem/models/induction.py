@@ -60,11 +60,11 @@ def rope(x: Tensor, theta: float = 10000.0) -> Tensor:
 
 
 def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
-    """table [S, M, d], idx [S, ...] -> [S, ..., d] (per-instance row lookup)."""
-    S = table.shape[0]
-    flat = idx.reshape(S, -1)
-    out = torch.gather(table, 1, flat[..., None].expand(-1, -1, table.shape[-1]))
-    return out.view(*idx.shape, table.shape[-1])
+    """table [S, M, d], idx [S, ...] -> [S, ..., d] (per-instance row lookup; an index_select of whole
+    rows, several times faster on the CPU than torch.gather with a broadcast index)."""
+    S, M, d = table.shape
+    flat = (idx.reshape(S, -1) + torch.arange(S, device=idx.device)[:, None] * M).reshape(-1)
+    return table.reshape(S * M, d).index_select(0, flat).view(*idx.shape, d)
 
 
 def causal_mask(T: int, qpos: Tensor | None, device: torch.device | str = "cpu") -> Tensor:

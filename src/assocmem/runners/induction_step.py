@@ -3,8 +3,9 @@ forked single-threaded processes.
 
 ``chunked_step`` computes the gradient of the per-member mean loss over a whole batch [S,B,T] chunk by
 chunk (``chunk_bounds`` cuts the chunks); with the in-context loss only the loss positions get
-layer-2 work (``loss_positions``), and each chunk is padded only to its own maximum. Tested equal to
-one full-batch backward in tests/test_induction_fast.py.
+layer-2 work (``loss_positions``, in POSITION_BLOCKS blocks by position, each on its own prefix), and
+each chunk is padded only to its own maximum. The fast path's per-step tables are built and
+backpropagated once per step. Tested equal to one full-batch backward in tests/test_induction_fast.py.
 """
 from __future__ import annotations
 
@@ -12,16 +13,31 @@ import torch
 import torch.nn.functional as F
 
 from ..models.induction import SimplifiedInduction
-from ..models.induction_fast import loss_logits
+from ..models.induction_fast import loss_logits, step_tables, supports_fast
 from ..training import CAN_FORK, forked_map
 
 
-def loss_positions(outs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded query positions of outs >= 2: (qpos [S,B,Q], valid [S,B,Q]) with Q the max count."""
+POSITION_BLOCKS = 2   # query blocks by position: a block of early positions reads a short prefix
+
+
+def loss_positions(outs: torch.Tensor, blocks: int = 1) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Query positions of outs >= 2 in ``blocks`` equal position ranges, each padded to its own
+    max count: (qpos blocks [S,B,Q_j], valid [S,B,sum Q_j]). Padding entries point at position 0,
+    so that a block's last query (its prefix length) is a real one."""
+    S, B, T = outs.shape
     mask = outs >= 2
-    Q = max(int(mask.sum(-1).max()), 1)
-    idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :Q]
-    return idx, torch.gather(mask, -1, idx)
+    pos = torch.arange(T, device=outs.device)
+    qs, valid = [], []
+    for j in range(blocks):
+        mj = mask & (pos >= j * T // blocks) & (pos < (j + 1) * T // blocks)
+        Q = int(mj.sum(-1).max())
+        if Q == 0 and (qs or j < blocks - 1):
+            continue
+        idx = torch.argsort((~mj).to(torch.int8), dim=-1, stable=True)[..., :max(Q, 1)]
+        v = torch.gather(mj, -1, idx)
+        qs.append(torch.where(v, idx, 0))
+        valid.append(v)
+    return tuple(qs), torch.cat(valid, -1)
 
 
 def stat_parts(ce: torch.Tensor, hit: torch.Tensor, outs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -59,16 +75,22 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
         order = torch.arange(B, device=x.device)
     chunks = list(order.split(chunk_bounds(counts, B, micro_batch, S * T * T)))
     parts = min(parts, len(chunks) // 8) if CAN_FORK else 1     # a fork costs about a chunk: split big steps only
+    # the fast path's per-step tables: built once, the chunks' gradients collect on detached copies,
+    # one backward through the tables at the end
+    tables = step_tables(model, T) if supports_fast(model) else None
+    leaves = dict(model.named_parameters()) if tables is None else {
+        k: v.detach().requires_grad_(v.requires_grad) for k, v in tables.items()}
 
     def run(mine: list[torch.Tensor], child: bool = False):
         if child:
-            for p in model.parameters():
+            for p in leaves.values():
                 p.grad = None
         sums = {k: torch.zeros(S, device=x.device) for k in keys + ("loss",)}
         w_sum = {k: torch.zeros(S, device=x.device) for k in keys}
         for idx in mine:
-            _chunk_backward(model, x[:, idx], y[:, idx], outs[:, idx], loss, n_ic, B * T, sums, w_sum)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None} if child else None
+            _chunk_backward(model, x[:, idx], y[:, idx], outs[:, idx], loss, n_ic, B * T, sums, w_sum,
+                            None if tables is None else leaves)
+        grads = {n: p.grad for n, p in leaves.items() if p.grad is not None} if child else None
         return sums, w_sum, grads
 
     if parts < 2:
@@ -83,15 +105,17 @@ def chunked_step(model: SimplifiedInduction, x: torch.Tensor, y: torch.Tensor, o
             (sums, w_sum, _), *kids = forked_map(lambda job: run(*job), [(d, i > 0) for i, d in enumerate(deal)])
         finally:
             torch.set_num_threads(threads)
-        params = dict(model.named_parameters())
         for k_sums, k_w, k_grads in kids:
             for k in sums:
                 sums[k] += k_sums[k]
             for k in w_sum:
                 w_sum[k] += k_w[k]
             for n, g in k_grads.items():
-                p = params[n]
+                p = leaves[n]
                 p.grad = g if p.grad is None else p.grad.add_(g)
+    if tables is not None:
+        done = [k for k, v in leaves.items() if v.grad is not None]
+        torch.autograd.backward([tables[k] for k in done], [leaves[k].grad for k in done])
     out = {k: sums[k] / w_sum[k].clamp(min=1) for k in keys}
     out["loss"] = sums["loss"]
     return out
@@ -121,19 +145,21 @@ def chunk_bounds(counts: list[int] | None, B: int, micro_batch: int, per_seq: in
     return sizes + [n]
 
 
-def _chunk_backward(model: SimplifiedInduction, xs, ys, os_, loss: str, n_ic, n_all: int, sums, w_sum) -> None:
-    """One chunk of :func:`chunked_step`: backward of its share of the loss, statistics added to sums."""
+def _chunk_backward(model: SimplifiedInduction, xs, ys, os_, loss: str, n_ic, n_all: int, sums, w_sum,
+                    tables: dict[str, torch.Tensor] | None) -> None:
+    """One chunk of :func:`chunked_step`: backward of its share of the loss (into the tables' grads,
+    with ``tables``), statistics added to sums."""
     if loss == "icl":
-        qpos, valid = loss_positions(os_)
-        yq = torch.gather(ys, 2, qpos)
-        lg = loss_logits(model, xs, qpos)
+        qpos, valid = loss_positions(os_, POSITION_BLOCKS)
+        yq = torch.gather(ys, 2, torch.cat(qpos, -1))
+        lg = loss_logits(model, xs, qpos, tables=tables)
         ce = F.cross_entropy(lg.flatten(0, 2), yq.flatten(), reduction="none").view(yq.shape)
         w = valid.float()
         hit = (lg.detach().argmax(-1) == yq).float()
         parts = {"loss_head": (ce.detach(), w), "acc_end": (hit, w)}
         total = (ce * w).sum((1, 2)) / n_ic
     else:
-        lg = loss_logits(model, xs)
+        lg = loss_logits(model, xs, tables=tables)
         ce = F.cross_entropy(lg.flatten(0, 2), ys.flatten(), reduction="none").view(ys.shape)
         hit = (lg.detach().argmax(-1) == ys).float()
         parts = stat_parts(ce.detach(), hit, os_)
