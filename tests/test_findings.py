@@ -81,6 +81,7 @@ def test_c10_agrees_with_the_authors_numbers_and_fails_when_off():
     never = ic.c10_checks(_record({"wk1": math.nan}, ic.AUTHORS_ACC_END), induction.SCALES["quick"], "quick")
     wk1 = next(c for c in never if c.name.endswith("wk1 >= 0.5"))
     assert wk1.verdict == "disagrees" and "quick scale uses other settings" in wk1.note
+    assert all(c.name.startswith("C-10 (quick scale)") for c in never)     # the name says which run it judges
 
 
 def test_value_at_pairs_values_with_their_own_steps():

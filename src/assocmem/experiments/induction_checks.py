@@ -175,19 +175,19 @@ def c10_checks(r: dict, sc: Scale, scale: str) -> list[findings.Check]:
     t = {k: first_cross(r, k) for k in C10_ORDER}
     crossed = [t[k] for k in C10_ORDER[:3]]
     order_ok = all(a <= b < float("inf") for a, b in zip(crossed, crossed[1:])) and t["wk0"] >= t["wk0_64"]
-    checks = [findings.trend("C-10 (paper scale) probes cross 0.5 in the authors' order wk1 -> wo1 -> wk0_64 -> wk0",
+    checks = [findings.trend(f"C-10 ({scale} scale) probes cross 0.5 in the authors' order wk1 -> wo1 -> wk0_64 -> wk0",
                              order_ok, " -> ".join(f"{k} {findings.fmt(t[k])}" for k in C10_ORDER),
                              "wk1 10 -> wo1 155 -> wk0_64 195 -> wk0 after 250", where, source="code")]
     for k, ref in AUTHORS_T50.items():
         # +-40% of theirs; wk1 (step 10) only needs to cross by step 30 (spec)
         tol = 20 if k == "wk1" else 0.4 * ref
-        checks.append(findings.compare(f"C-10 (paper scale) first step with {k} >= 0.5", t[k], ref, tol,
+        checks.append(findings.compare(f"C-10 ({scale} scale) first step with {k} >= 0.5", t[k], ref, tol,
                                        note=(WK1_NOTE if k == "wk1" else "+-40%; ") + where,
                                        source="code"))
     cur = r["curves"]
     for s in C10_ACC_STEPS:
-        checks.append(findings.compare(f"C-10 (paper scale) acc_end at step {s}", value_at(cur["step"], cur["acc_end"], s),
+        checks.append(findings.compare(f"C-10 ({scale} scale) acc_end at step {s}", value_at(cur["step"], cur["acc_end"], s),
                                        AUTHORS_ACC_END[s], 0.15, note=f"training batch; {where}", source="code"))
-    checks.append(findings.trend(f"C-10 (paper scale) acc_end >= 0.9 after {sc.steps} steps (spec: within 1000)",
+    checks.append(findings.trend(f"C-10 ({scale} scale) acc_end >= 0.9 after {sc.steps} steps (spec: within 1000)",
                                  r["acc_end"] >= 0.9, r["acc_end"], note=f"test batch; {where}"))
     return checks
