@@ -76,8 +76,11 @@ def wait_for(cond, timeout=60.0, proc=None):
 def started(tmp_path, seeds=60, jobs="2", min_runs=2):
     """A --jobs sweep subprocess (own session) with workers up and ``min_runs`` runs stored."""
     out = tmp_path / "out"
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive
+    # shell (nohup ... &) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(sweep_cmd(write_grid(tmp_path / "g.yaml", seeds), out, "--jobs", jobs),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     kids: set[int] = set()
 
     def ready():
