@@ -75,7 +75,7 @@ class Optimizer:
         keep = None
         if active is not None or masks:
             keep = {i: self._frozen_part(i, active, masks) for i in live}
-            keep = {i: k for i, k in keep.items() if k is not None}
+            keep = {i: k for i, k in keep.items() if k is not None and bool(k.any())}   # copy only what stays
             old = {i: (self.params[i].clone(), self.m[i].clone(), self.v[i].clone() if self.v else None)
                    for i in keep}
         groups: dict[tuple[float, int], list[int]] = {}

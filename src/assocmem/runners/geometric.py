@@ -180,6 +180,7 @@ def train(model: StackedTransformer, tokens: Tensor, targets: Tensor, out_pos: t
     curve_acc: list[list[float]] = []
     best = [-1.0] * S
     best_step = [0] * S
+
     def measure(step: int) -> Tensor:
         """The loss [S] at this step; logs it, and applies the stopping rule every ``check_every`` steps
         and at the last step (which stops every instance still active)."""
