@@ -95,6 +95,33 @@ def test_fused_unembed_cross_entropy_equals_plain():
     assert torch.allclose(gz, z.grad) and torch.allclose(gU, U.grad)
 
 
+def test_fused_unembed_cross_entropy_far_logits_and_ties():
+    """fp32 logits spread over hundreds of units (most shifted logits under EXP_FLOOR) give the plain
+    loss and gradients to fp32 rounding, and tied maxima count as argmax counts them (first index)."""
+    from assocmem.models.geometric import EXP_FLOOR, unembed_cross_entropy
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(2, 64, 6, generator=g) * 30).requires_grad_()
+    U = torch.randn(2, 40, 6, generator=g).requires_grad_()
+    tgt = torch.randint(0, 40, (2, 64), generator=g)
+    with torch.no_grad():                       # rows 0-3: answers 5 and 9 tie for the maximum
+        U[0, 5] = U[0, 9] = torch.tensor([10.0, 0, 0, 0, 0, 0])
+        z[0, :4] = U[0, 5] * 5
+    tgt[0, :4] = torch.tensor([5, 9, 5, 9])
+    logits = (z @ U.transpose(1, 2)).detach()
+    assert ((logits - logits.amax(-1, keepdim=True)) < EXP_FLOOR).float().mean() > 0.5
+    loss, correct = unembed_cross_entropy(z, U, tgt)
+    loss.sum().backward()
+    gz, gU = z.grad.clone(), U.grad.clone()
+    z.grad = U.grad = None
+    ref = torch.nn.functional.cross_entropy((z @ U.transpose(1, 2)).reshape(-1, 40), tgt.reshape(-1),
+                                            reduction="none").view(2, 64)
+    ref.sum().backward()
+    assert correct[0, :4].tolist() == [True, False, True, False]
+    assert torch.equal(correct, logits.argmax(-1) == tgt)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gz, z.grad, rtol=1e-4, atol=1e-5) and torch.allclose(gU, U.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_training_equals_plain_training():
     c = cfg(0, optim__max_steps=300, model__d_model=12, model__layernorm=True)
     data = G.make_data(c, c.seeds.resolve(0))

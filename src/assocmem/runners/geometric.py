@@ -296,7 +296,7 @@ def run_stack(configs: Sequence[GeoConfig]) -> list[RunResult]:
 
 # Code-protocol version of this task: part of every run id (registry.run_id). Bump it with any change
 # to this task's code (runner, model, task data, training) that alters results for the same config.
-PROTOCOL = "geometric-2"
+PROTOCOL = "geometric-3"
 
 SPEC = TaskSpec(
     name="geometric",
