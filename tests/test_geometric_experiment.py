@@ -1,4 +1,6 @@
 """Experiment helpers: bisection over a grid reuses the store and finds the threshold."""
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -42,3 +44,22 @@ def test_e6_scales_have_a_verdict_cell():
         assert max(sc.e6_R) >= E6_MIN_R, name
         assert min(sc.e6_k) == 1 and max(sc.e6_k) >= 3, name
         assert max(sc.e6_R) ** (max(sc.e6_k) - 1) >= 9, name
+
+
+def test_e6_k1_cells_share_runs():
+    """At k = 1 CoT and no CoT are the same task (identical tokens and targets), so the two E6 cells
+    name the same runs; at k > 1 they differ."""
+    import torch
+
+    from assocmem.experiments.geometric_common import SCALES
+    from assocmem.experiments.geometric_learned import e6_configs
+    from assocmem.registry import get_task, run_id
+    from assocmem.runners.geometric import make_data
+    task, sc = get_task("geometric"), SCALES["quick"]
+    ids = {(k, cot): [run_id(task, c) for c in e6_configs(sc, 3, k, cot, 8)] for k in (1, 2) for cot in (True, False)}
+    assert ids[(1, True)] == ids[(1, False)]
+    assert not set(ids[(2, True)]) & set(ids[(2, False)])
+    c = e6_configs(sc, 3, 1, False, 8)[0]
+    seeds = c.seeds.resolve(c.seed)
+    a, b = make_data(c, seeds), make_data(dataclasses.replace(c, task=dataclasses.replace(c.task, cot=True)), seeds)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.targets, b.targets) and a.out_pos == b.out_pos
