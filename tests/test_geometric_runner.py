@@ -1,6 +1,7 @@
 """Runner for geometric recall: stacking equals single runs, masked AdamW equals torch AdamW, CLI."""
 import json
 
+import pytest
 import torch
 
 from assocmem import cli
@@ -26,6 +27,29 @@ def test_member_of_stack_equals_single_run():
     for name, w in single.weights.items():
         assert torch.allclose(m.weights[name].float(), w.float(), atol=1e-4), name
     assert not torch.equal(stacked[0].weights["bij"], stacked[1].weights["bij"])  # seeds differ
+
+
+def test_parallel_parts_equal_one_stack(monkeypatch):
+    """run_stack on two threads trains the stack as two parts, one in a forked process; the members
+    equal the whole stack's (trained in this process) in steps, metrics and weights."""
+    from assocmem import training
+    cs = [cfg(s, optim__max_steps=120, model__d_model=12) for s in (0, 1, 2)]
+    calls = []
+    real = training.forked_map
+    monkeypatch.setattr(training, "forked_map", lambda fn, items: calls.append(len(items)) or real(fn, items))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parts = G.run_stack(cs)
+        assert calls == [2] or not training.CAN_FORK
+        whole = G._run_stack(cs)
+    finally:
+        torch.set_num_threads(threads)
+    for p, w in zip(parts, whole):
+        assert p.metrics["steps"] == w.metrics["steps"] and p.metrics["loss"] == pytest.approx(w.metrics["loss"], abs=1e-6)
+        for name in w.weights:
+            assert torch.allclose(p.weights[name].float(), w.weights[name].float(), atol=1e-6), name
+    assert not torch.equal(parts[0].weights["W_E"], parts[1].weights["W_E"])
 
 
 def test_early_stopped_member_is_frozen():
