@@ -9,7 +9,8 @@
 
 Invalid input exits with status 2 and one line naming the key and the allowed values. ``--jobs N``
 means the same everywhere: N worker processes, 1 = in-process (``reproduce`` without ``--jobs`` lets
-each experiment choose; elephants uses one process per core). Ctrl-C stores every finished run, says
+each experiment choose; elephants uses one process per core, induction trains its README-config run
+in-process and the others in one process per core). Ctrl-C stores every finished run, says
 how many, and exits 130.
 """
 from __future__ import annotations
