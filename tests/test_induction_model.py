@@ -81,7 +81,7 @@ def test_wk1_ranks_the_queries_among_themselves_as_the_authors_probe():
             getattr(m, name).copy_(torch.randn(getattr(m, name).shape, generator=g))
     Q = [1, 43, 58, 53, 39]
     w1 = m.W_E @ (m.W_O1 @ m.W_V1).transpose(1, 2)
-    score = lambda s, q, k: float(m.W_E[s, q] @ m.W_K2[s] @ w1[s, k])  # noqa: E731
+    score = lambda s, q, k: float((m.W_E[s, q] @ m.W_K2[s] @ w1[s, k]).detach())  # noqa: E731
     probes = memory_probes(m, 32, query_tokens=torch.tensor(Q))
     for s in range(2):
         same = sum(max(Q, key=lambda k: score(s, q, k)) == q for q in Q) / len(Q)
