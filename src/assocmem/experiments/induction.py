@@ -153,14 +153,11 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
     main, freeze, data_cfgs, ws, generic = training_configs(sc, data_path)
     seeded = lambda cfgs: [replace(c, seed=s) for c in cfgs for s in sc.seeds]  # noqa: E731
     t0 = time.perf_counter()
-    rep = run_configs(spec, seeded([main]), store, backend=main_backend, force=force, desc=f"induction[{scale}] main")
-    # longest first, so that the short fig. 4 runs fill the workers' tails
-    rest = seeded([*ws.values(), *freeze, *generic.values(), *data_cfgs.values()])
-    rep_rest = run_configs(spec, rest, store, backend=backend, force=force, desc=f"induction[{scale}]")
+    # the rest longest first, so that the short fig. 4 runs fill the workers' tails
+    reps = [run_configs(spec, seeded([main]), store, backend=main_backend, force=force, desc=f"induction[{scale}] main"),
+            run_configs(spec, seeded([*ws.values(), *freeze, *generic.values(), *data_cfgs.values()]), store,
+                        backend=backend, force=force, desc=f"induction[{scale}]")]
     timings["training"] = time.perf_counter() - t0
-    n_runs, ran, skipped, failed = (a + b for a, b in zip(
-        (len(rep.run_ids), rep.ran, rep.skipped, rep.failed),
-        (len(rep_rest.run_ids), rep_rest.ran, rep_rest.skipped, rep_rest.failed)))
 
     def rec(cfg):
         return _load(store, spec, cfg)
@@ -285,7 +282,9 @@ def reproduce(out_dir: str | Path, scale: str = "quick", jobs: int | None = None
 
     section = findings.Section(
         key="induction", title="Induction heads as associative memories (Birth of a Transformer; Wang & Sato)",
-        intro=(f"Scale `{scale}`. Runs: {n_runs} ({ran} trained now, {skipped} reused, {failed} failed). Fig. 3 main run at batch {sc.batch}, all other trainings at batch "
+        intro=(f"Scale `{scale}`. Runs: {sum(len(r.run_ids) for r in reps)} ({sum(r.ran for r in reps)} trained now, "
+               f"{sum(r.skipped for r in reps)} reused, {sum(r.failed for r in reps)} failed). Fig. 3 main run at "
+               f"batch {sc.batch}, all other trainings at batch "
                f"{sc.batch_rest} (spec 512; CPU budget); see docs/induction.md for reconstructed choices."),
         families=families,
         meta=findings.run_meta(scale=scale, wall_s=round(time.perf_counter() - t_start, 1),
